@@ -1,0 +1,1 @@
+"""hasten.bench."""

@@ -1,0 +1,142 @@
+"""The configurations ``hasten bench`` compares: hasten's accelerators and the peers', as named variants.
+
+A variant knows how to switch itself on and off on a diffusers pipeline. Peers are only listed when their
+package is importable; otherwise the variant is reported as unavailable with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Pipe = Any
+
+
+@dataclass
+class Variant:
+    """One configuration in a bench run."""
+
+    name: str
+    family: str  # "baseline" | "hasten" | "diffusers" | "cache-dit" | ...
+    apply: Callable[[Pipe], None] = lambda pipe: None
+    remove: Callable[[Pipe], None] = lambda pipe: None
+    settings: dict[str, Any] = field(default_factory=dict)
+    unavailable: str | None = None  # reason when the variant cannot run here
+    prepare: Callable[[Pipe, Callable[[], Any]], None] | None = None  # one-off calibration before timing
+
+
+def baseline() -> Variant:
+    return Variant("baseline", "baseline")
+
+
+def hasten_easycache(threshold: float, **kw: Any) -> Variant:
+    def apply(pipe: Pipe) -> None:
+        pipe.enable_easycache(threshold=threshold, **kw)
+
+    return Variant(f"hasten-easycache@{threshold:g}", "hasten", apply, lambda p: p.disable_easycache(),
+                   {"threshold": threshold, **kw})
+
+
+def _transformer_cache(name: str, make_config: Callable[[], Any], settings: dict) -> Variant:
+    def apply(pipe: Pipe) -> None:
+        pipe.transformer.enable_cache(make_config())
+
+    def remove(pipe: Pipe) -> None:
+        pipe.transformer.disable_cache()
+
+    return Variant(name, "diffusers", apply, remove, settings)
+
+
+def diffusers_fbc(threshold: float) -> Variant:
+    from diffusers import FirstBlockCacheConfig
+
+    return _transformer_cache(f"diffusers-fbc@{threshold:g}", lambda: FirstBlockCacheConfig(threshold=threshold),
+                              {"threshold": threshold})
+
+
+def diffusers_taylorseer(interval: int, warmup: int = 3) -> Variant:
+    from diffusers import TaylorSeerCacheConfig
+
+    import torch
+
+    return _transformer_cache(
+        f"diffusers-taylorseer@{interval}",
+        lambda: TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=warmup,
+                                      taylor_factors_dtype=torch.float32),
+        {"cache_interval": interval, "disable_cache_before_step": warmup},
+    )
+
+
+def diffusers_magcache(threshold: float, steps: int) -> Variant:
+    """MagCache needs per-model magnitude ratios: calibrated once on the bench's own first generation."""
+    from diffusers import MagCacheConfig
+
+    ratios: list[float] = []
+
+    def prepare(pipe: Pipe, generate: Callable[[], Any]) -> None:
+        if ratios:
+            return
+        pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf):
+                generate()
+        finally:
+            pipe.transformer.disable_cache()
+        found = re.findall(r"\[([-0-9.,\se]+)\]", buf.getvalue())
+        if not found:
+            raise RuntimeError("MagCache calibration printed no ratios")
+        ratios.extend(float(v) for v in found[-1].split(",") if v.strip())
+
+    def apply(pipe: Pipe) -> None:
+        pipe.transformer.enable_cache(MagCacheConfig(threshold=threshold, num_inference_steps=steps,
+                                                     mag_ratios=list(ratios)))
+
+    return Variant(f"diffusers-magcache@{threshold:g}", "diffusers", apply, lambda p: p.transformer.disable_cache(),
+                   {"threshold": threshold}, prepare=prepare)
+
+
+def cache_dit_dbcache(rdt: float) -> Variant:
+    """cache-dit's DBCache (optional peer: ``pip install cache-dit``)."""
+    name = f"cache-dit-dbcache@{rdt:g}"
+    if importlib.util.find_spec("cache_dit") is None:
+        return Variant(name, "cache-dit", unavailable="cache-dit is not installed (pip install 'hasten[peers]')")
+
+    def apply(pipe: Pipe) -> None:
+        import cache_dit
+
+        cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(residual_diff_threshold=rdt))
+
+    def remove(pipe: Pipe) -> None:
+        import cache_dit
+
+        cache_dit.disable_cache(pipe)
+
+    return Variant(name, "cache-dit", apply, remove, {"residual_diff_threshold": rdt})
+
+
+EASYCACHE_SWEEP = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def preset(name: str, steps: int) -> list[Variant]:
+    """Named variant lists: ``easycache`` (hasten's threshold sweep), ``peers`` (sweep + every peer), ``quick``."""
+    if name == "quick":
+        return [baseline(), hasten_easycache(0.2), diffusers_fbc(0.1)]
+    sweep = [hasten_easycache(t) for t in EASYCACHE_SWEEP]
+    if name == "easycache":
+        return [baseline(), *sweep]
+    if name in ("peers", "default"):
+        return [
+            baseline(),
+            *sweep,
+            diffusers_fbc(0.05), diffusers_fbc(0.1), diffusers_fbc(0.2),
+            diffusers_taylorseer(2), diffusers_taylorseer(3),
+            diffusers_magcache(0.06, steps), diffusers_magcache(0.12, steps), diffusers_magcache(0.24, steps),
+            cache_dit_dbcache(0.08), cache_dit_dbcache(0.16),
+        ]
+    raise ValueError(f"unknown preset {name!r}; choose one of: quick, easycache, peers, default")

@@ -1,0 +1,145 @@
+"""Framework-neutral plumbing shared by every step cache.
+
+A *step cache* decides, per denoiser call and per branch (one row of the batch: a batch item of the
+conditional or unconditional pass), whether the real forward must run or a cached estimate can stand
+in. Adapters (diffusers hooks, ComfyUI wrappers) only know how to call the model on a subset of rows;
+:func:`run_cached` does the rest, so the batching logic exists once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+BranchKey = Hashable
+
+
+@dataclass
+class BranchStats:
+    """What one branch did during one sampling run: a decision per denoiser call."""
+
+    label: str
+    decisions: list[bool] = field(default_factory=list)  # True = computed, False = reused
+
+    @property
+    def computed(self) -> int:
+        return sum(self.decisions)
+
+    @property
+    def reused(self) -> int:
+        return len(self.decisions) - self.computed
+
+    @property
+    def calls(self) -> int:
+        return len(self.decisions)
+
+
+@dataclass
+class RunStats:
+    """Per-run summary of a step cache, kept after the run ends so users can read it."""
+
+    method: str
+    num_steps: int | None
+    branches: dict[str, BranchStats] = field(default_factory=dict)
+
+    @property
+    def calls(self) -> int:
+        return sum(b.calls for b in self.branches.values())
+
+    @property
+    def computed(self) -> int:
+        return sum(b.computed for b in self.branches.values())
+
+    @property
+    def reused(self) -> int:
+        return self.calls - self.computed
+
+    @property
+    def estimated_speedup(self) -> float:
+        """Ratio of branch-forwards asked for to branch-forwards run (ignores the cache's own overhead)."""
+        return self.calls / self.computed if self.computed else float("inf") if self.calls else 1.0
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.method}: {self.computed}/{self.calls} branch forwards computed, {self.reused} reused "
+            f"(estimated speed-up {self.estimated_speedup:.2f}x, {self.num_steps} steps)"
+        ]
+        for label, b in self.branches.items():
+            timeline = "".join("C" if d else "." for d in b.decisions)
+            lines.append(f"  {label:<16} computed {b.computed:>3} reused {b.reused:>3}  {timeline}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "num_steps": self.num_steps,
+            "calls": self.calls,
+            "computed": self.computed,
+            "reused": self.reused,
+            "estimated_speedup": self.estimated_speedup,
+            "branches": {k: {"computed": b.computed, "reused": b.reused, "decisions": b.decisions}
+                         for k, b in self.branches.items()},
+        }
+
+
+@runtime_checkable
+class StepCache(Protocol):
+    """The decision interface adapters talk to. One instance serves one denoiser."""
+
+    def begin_run(self, num_steps: int | None) -> None: ...
+
+    def end_run(self) -> RunStats: ...
+
+    def should_compute(self, key: BranchKey, x: torch.Tensor, step: int, num_steps: int | None,
+                       label: str | None = None) -> bool: ...
+
+    def reuse(self, key: BranchKey, x: torch.Tensor) -> torch.Tensor: ...
+
+    def remember(self, key: BranchKey, x: torch.Tensor, out: torch.Tensor) -> None: ...
+
+
+def run_cached(
+    cache: StepCache,
+    keys: Sequence[BranchKey],
+    x: torch.Tensor,
+    steps: Sequence[int],
+    num_steps: int | None,
+    compute: Callable[[list[int] | None], torch.Tensor],
+    labels: Sequence[str] | None = None,
+) -> torch.Tensor:
+    """Run one denoiser call through ``cache``: ask per row, compute only the rows that need it.
+
+    ``x`` is the denoiser input with one row per entry of ``keys``; ``compute(rows)`` must return the
+    denoiser output for those rows (``None`` = every row, in which case its output is returned
+    untouched, which keeps the all-compute path bit-identical to the uncached model).
+    """
+    n = x.shape[0]
+    if len(keys) != n or len(steps) != n:
+        raise ValueError(f"run_cached: {len(keys)} keys / {len(steps)} steps for a batch of {n} rows")
+    rows = [x[i : i + 1] for i in range(n)]
+    decide = [
+        cache.should_compute(keys[i], rows[i], steps[i], num_steps, labels[i] if labels else None)
+        for i in range(n)
+    ]
+    todo = [i for i in range(n) if decide[i]]
+    if len(todo) == n:
+        out = compute(None)
+        for i in range(n):
+            cache.remember(keys[i], rows[i], out[i : i + 1])
+        return out
+    computed: dict[int, torch.Tensor] = {}
+    if todo:
+        sub = compute(todo)
+        for j, i in enumerate(todo):
+            computed[i] = sub[j : j + 1]
+            cache.remember(keys[i], rows[i], computed[i])
+    parts = [computed[i] if decide[i] else cache.reuse(keys[i], rows[i]) for i in range(n)]
+    return torch.cat(parts, dim=0)
+
+
+def mean_abs(t: torch.Tensor) -> float:
+    """Mean absolute value in float32 (the change metric EasyCache and its peers use)."""
+    return t.detach().float().abs().mean().item()

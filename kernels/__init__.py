@@ -1,0 +1,1 @@
+"""hasten.kernels."""

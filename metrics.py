@@ -1,0 +1,214 @@
+"""Quality metrics: fidelity to a same-seed baseline (PSNR, SSIM, LPIPS) and task quality on the embedded
+digit model (prompted-digit accuracy, Fréchet distance in a digit classifier's feature space).
+
+Images are float tensors in [0, 1] shaped (B, C, H, W) (a single (C, H, W) image, PIL images and numpy
+arrays are accepted too). The digit classifier is an MLP fitted on scikit-learn's digits at first use and
+cached for the process; it needs no weights on disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DigitClassifier",
+    "digit_accuracy",
+    "digit_classifier",
+    "frechet_distance",
+    "lpips",
+    "lpips_unavailable_reason",
+    "psnr",
+    "real_digits",
+    "ssim",
+    "to_tensor",
+]
+
+
+def to_tensor(images: Any) -> torch.Tensor:
+    """Convert PIL image(s), numpy array(s) or tensors to a float (B, C, H, W) tensor in [0, 1] on CPU."""
+    if isinstance(images, torch.Tensor):
+        x = images.detach().to("cpu", torch.float32)
+        return x.unsqueeze(0) if x.ndim == 3 else x
+    if isinstance(images, np.ndarray):
+        x = torch.from_numpy(np.asarray(images, dtype=np.float32))
+        if images.dtype == np.uint8:
+            x = x / 255.0
+        if x.ndim == 2:
+            x = x[None, :, :, None]
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        return x.permute(0, 3, 1, 2).contiguous()  # numpy images are channels-last
+    if isinstance(images, Sequence) and not isinstance(images, str):
+        return torch.cat([to_tensor(im) for im in images])
+    if hasattr(images, "convert"):  # a PIL image
+        return to_tensor(np.asarray(images.convert("RGB")))
+    raise TypeError(f"unsupported image type {type(images).__name__}: pass tensors, numpy arrays or PIL images")
+
+
+def _pair(img: Any, ref: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = to_tensor(img), to_tensor(ref)
+    if a.shape != b.shape:
+        raise ValueError(f"images and reference must have the same shape, got {tuple(a.shape)} vs {tuple(b.shape)}")
+    return a.clamp(0, 1), b.clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------- vs. the baseline
+def psnr(img: Any, ref: Any) -> float:
+    """Mean per-image PSNR in dB against the same-seed baseline ``ref`` (inf where identical)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    a, b = _pair(img, ref)
+    vals = [peak_signal_noise_ratio(x[None], y[None], data_range=1.0).item() for x, y in zip(a, b)]
+    return float(np.mean(vals))
+
+
+def ssim(img: Any, ref: Any) -> float:
+    """Mean SSIM (Gaussian window 11, or the image size if smaller) against the same-seed baseline."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    a, b = _pair(img, ref)
+    k = min(11, (min(a.shape[-2:]) // 2) * 2 - 1)
+    return float(structural_similarity_index_measure(a, b, data_range=1.0, kernel_size=k).item())
+
+
+def lpips_unavailable_reason() -> str | None:
+    """Why LPIPS cannot be computed offline here (None when it can). Nothing is ever downloaded."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return "LPIPS skipped: torchvision is not installed (torchmetrics' LPIPS needs it and its backbone weights)"
+    hub = torch.hub.get_dir()
+    import os
+
+    ckpt = os.path.join(hub, "checkpoints", "alexnet-owt-7be5be79.pth")
+    if not os.path.exists(ckpt):
+        return f"LPIPS skipped: AlexNet backbone weights not found locally ({ckpt}); hasten does not download them"
+    return None
+
+
+def lpips(img: Any, ref: Any) -> float | None:
+    """LPIPS (AlexNet) against the baseline when its weights are available locally, else None (see
+    :func:`lpips_unavailable_reason`)."""
+    reason = lpips_unavailable_reason()
+    if reason is not None:
+        return None
+    from torchmetrics.functional.image import learned_perceptual_image_patch_similarity
+
+    a, b = _pair(img, ref)
+    if a.shape[1] == 1:
+        a, b = a.repeat(1, 3, 1, 1), b.repeat(1, 3, 1, 1)
+    return float(learned_perceptual_image_patch_similarity(a, b, net_type="alex", normalize=True).item())
+
+
+# ------------------------------------------------------------------------------------ task metrics
+def real_digits(augmented_copies: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits rendered at 32x32 as the embedded model sees them: ((N,1,32,32) in [0,1], labels)."""
+    from .embedded.data import augment, load_real_digits
+
+    x, y = load_real_digits()
+    xs, ys = [x], [y]
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(augmented_copies):
+        xs.append(augment(x, gen))
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _digit_features(images: Any) -> np.ndarray:
+    """Grey 16x16 pixels, the classifier's input: (B, 256) float64."""
+    x = to_tensor(images).clamp(0, 1).mean(dim=1, keepdim=True)
+    if x.shape[-2:] != (32, 32):
+        x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    return F.avg_pool2d(x, 2).flatten(1).double().numpy()
+
+
+@dataclass
+class DigitClassifier:
+    """A one-hidden-layer MLP on 16x16 digits; its hidden ReLU activations are the Fréchet feature space."""
+
+    model: Any
+    holdout_accuracy: float
+
+    def predict(self, images: Any) -> torch.Tensor:
+        return torch.from_numpy(self.model.predict(_digit_features(images))).long()
+
+    def probabilities(self, images: Any) -> torch.Tensor:
+        return torch.from_numpy(self.model.predict_proba(_digit_features(images))).float()
+
+    def features(self, images: Any) -> np.ndarray:
+        h = _digit_features(images) @ self.model.coefs_[0] + self.model.intercepts_[0]
+        return np.maximum(h, 0.0)
+
+
+@functools.lru_cache(maxsize=1)
+def digit_classifier(seed: int = 0) -> DigitClassifier:
+    """Fit (once per process) the digit classifier on augmented real digits; holds out 20% of originals."""
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = real_digits(augmented_copies=0)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_test = len(x) // 5
+    test, train = perm[:n_test], perm[n_test:]
+    from .embedded.data import augment
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    xs = torch.cat([x[train]] + [augment(x[train], gen) for _ in range(3)])
+    ys = torch.cat([y[train]] * 4)
+    model = MLPClassifier(hidden_layer_sizes=(128,), max_iter=40, batch_size=128, learning_rate_init=2e-3,
+                          alpha=1e-3, random_state=seed)
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(_digit_features(xs), ys.numpy())
+    acc = float((model.predict(_digit_features(x[test])) == y[test].numpy()).mean())
+    return DigitClassifier(model=model, holdout_accuracy=acc)
+
+
+def digit_accuracy(images: Any, targets: Sequence[int] | torch.Tensor) -> dict[str, Any]:
+    """Fraction of images the classifier reads as their prompted digit, overall and per class (0..9)."""
+    targets = torch.as_tensor(list(targets) if not isinstance(targets, torch.Tensor) else targets).long()
+    pred = digit_classifier().predict(images)
+    if len(pred) != len(targets):
+        raise ValueError(f"{len(pred)} images but {len(targets)} targets")
+    ok = pred == targets
+    per_class = {int(c): float(ok[targets == c].float().mean()) for c in targets.unique().tolist()}
+    return {"accuracy": float(ok.float().mean()), "per_class": per_class, "predictions": pred.tolist()}
+
+
+def frechet_distance(images: Any, reference: Any | None = None) -> float:
+    """Fréchet distance between Gaussian fits of classifier features of ``images`` and ``reference``
+    (default: all real digits): |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)."""
+    from scipy import linalg
+
+    clf = digit_classifier()
+    if reference is None:
+        reference = real_digits()[0]
+    f1, f2 = clf.features(images), clf.features(reference)
+    if len(f1) < 2 or len(f2) < 2:
+        raise ValueError("the Fréchet distance needs at least 2 images on each side")
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    import warnings
+
+    with warnings.catch_warnings():  # dead ReLU units make the covariances singular; sqrtm copes
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        eps = np.eye(len(s1)) * 1e-6
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    covmean = np.real(covmean)
+    d = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    return max(d, 0.0) if math.isfinite(d) else float("nan")

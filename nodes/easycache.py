@@ -1,0 +1,255 @@
+"""ComfyUI adapter for EasyCache: keyed wrappers on a cloned ModelPatcher; every decision is the core's.
+
+The wrapper sits at ``WrappersMP.APPLY_MODEL`` (``BaseModel.apply_model``), which every ComfyUI model
+passes through, so MMDiT/SD3 is covered too (the built-in EasyCache hooks ``DIFFUSION_MODEL``, which
+MMDiT never calls in ComfyUI 0.3.x). ``apply_model`` returns the *denoised* estimate; the cache works in
+the network's own space instead (network input ``calculate_input(sigma, x)`` and raw network output),
+which is what the paper measures. ``calculate_denoised`` is affine in the network output for every
+ModelSampling, so ``denoised = a + b * raw`` with ``a``/``b`` probed per call.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..caches import EasyCache, EasyCacheConfig, RunStats, run_cached
+
+log = logging.getLogger("hasten")
+
+WRAPPER_KEY = "hasten_easycache"
+HOLDER_KEY = "hasten_easycache"  # transformer_options entry: the node's settings and last stats
+RUN_KEY = "hasten_easycache_run"  # transformer_options entry, present only during a sampling run
+
+_DEFAULTS = EasyCacheConfig()
+
+
+@dataclass
+class EasyCacheHolder:
+    """Settings of one node instance plus the statistics of its most recent sampling run."""
+
+    config: EasyCacheConfig
+    verbose: bool = False
+    last_run: RunStats | None = None
+    notes: list[str] = field(default_factory=list)  # fallbacks taken (logged once each)
+
+    def note_once(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+            log.warning("EasyCache (hasten): %s", message)
+
+
+@dataclass
+class _Run:
+    """State of one sampling run: the core policy and the run's sigma schedule."""
+
+    holder: EasyCacheHolder
+    cache: EasyCache
+    num_steps: int
+
+
+def stats(model: Any) -> RunStats | None:
+    """Statistics of the last sampling run of a MODEL patched by the node (None if never run)."""
+    holder = model.model_options.get("transformer_options", {}).get(HOLDER_KEY)
+    return holder.last_run if holder is not None else None
+
+
+# -- wrappers ------------------------------------------------------------------------------------
+def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """Give every sampling run a fresh cache (begin_run) and keep its stats when it ends."""
+    guider = executor.class_obj
+    orig = guider.model_options
+    holder: EasyCacheHolder = orig["transformer_options"][HOLDER_KEY]
+    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+    num_steps = max(int(sigmas.shape[-1]) - 1, 1)
+    cache = EasyCache(holder.config)
+    cache.begin_run(num_steps)
+    import comfy.model_patcher  # ComfyUI is importable whenever this wrapper runs
+
+    guider.model_options = comfy.model_patcher.create_model_options_clone(orig)
+    guider.model_options["transformer_options"][RUN_KEY] = _Run(holder, cache, num_steps)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options = orig
+        result = cache.end_run()
+        if result.calls:
+            holder.last_run = result
+            if holder.verbose:
+                log.info("%s", result.summary())
+            else:
+                log.info("EasyCache (hasten): %d/%d branch forwards computed (%.2fx)", result.computed,
+                         result.calls, result.estimated_speedup)
+
+
+def _step_index(sample_sigmas: torch.Tensor | None, sigma: torch.Tensor, num_steps: int) -> int:
+    """Position of ``sigma`` in the run's schedule: largest i with sample_sigmas[i] >= sigma."""
+    if sample_sigmas is None:
+        return 0
+    ss = sample_sigmas.detach().double().cpu().flatten()
+    s = float(sigma)
+    hit = torch.nonzero(ss >= s - 1e-6 * max(1.0, abs(s))).flatten()
+    return min(int(hit[-1]) if hit.numel() else 0, num_steps - 1)
+
+
+def _affine(model_sampling: Any, sigma: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(a, b) with calculate_denoised(sigma, raw, x) == a + b * raw, or None if not affine/invertible."""
+    xf = x.float()
+    zero = torch.zeros_like(xf)
+    a = model_sampling.calculate_denoised(sigma, zero, xf)
+    b = model_sampling.calculate_denoised(sigma, torch.ones_like(xf), xf) - a
+    two = model_sampling.calculate_denoised(sigma, torch.full_like(xf, 2.0), xf)
+    a, b = torch.broadcast_to(a, xf.shape), torch.broadcast_to(b, xf.shape)
+    if not torch.allclose(two, a + 2 * b, rtol=1e-4, atol=1e-5) or bool((b == 0).any()):
+        return None
+    return a, b
+
+
+def _slice_rows(v: Any, rows: list[int], batch: int) -> tuple[bool, Any]:
+    """(ok, v restricted to ``rows``) for a batched argument; ok=False if it cannot be sliced safely."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True, v
+    if torch.is_tensor(v):
+        if v.ndim >= 1 and v.shape[0] == batch:
+            return True, v[rows]
+        return True, v
+    return False, v
+
+
+def apply_model_wrapper(executor: Any, x: torch.Tensor, t: torch.Tensor, c_concat: Any = None,
+                        c_crossattn: Any = None, control: Any = None, transformer_options: dict | None = None,
+                        **kwargs: Any) -> torch.Tensor:
+    """One ``apply_model`` call through :func:`run_cached`: one branch per (chunk uuid, row in chunk)."""
+    topts = transformer_options if transformer_options is not None else {}
+    run: _Run | None = topts.get(RUN_KEY)
+
+    def call_all() -> torch.Tensor:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    if run is None:  # apply_model outside a sampling run (e.g. a preview): nothing to cache
+        return call_all()
+    holder = run.holder
+    base_model = executor.class_obj
+    batch = x.shape[0]
+    uuids = list(topts.get("uuids") or [])
+    cond_or_uncond = list(topts.get("cond_or_uncond") or [])
+    if not uuids or batch % len(uuids) != 0 or len(cond_or_uncond) != len(uuids):
+        holder.note_once(f"cannot tell the CFG branches apart (batch {batch}, chunks {len(uuids)}); computing")
+        return call_all()
+    per = batch // len(uuids)
+    ms = base_model.model_sampling
+    affine = _affine(ms, t, x)
+    if affine is None:
+        holder.note_once(f"{type(ms).__name__}.calculate_denoised is not affine/invertible here; computing")
+        return call_all()
+    a, b = affine
+    xc = ms.calculate_input(t, x)
+    keys = [(uuids[i // per], i % per) for i in range(batch)]
+    labels = [f"{'cond' if cond_or_uncond[i // per] == 0 else 'uncond'}[{i % per}]" for i in range(batch)]
+    step = _step_index(topts.get("sample_sigmas"), t[0], run.num_steps)
+    denoised_parts: dict[int, torch.Tensor] = {}
+    full: list[torch.Tensor] = []
+
+    def compute(rows: list[int] | None) -> torch.Tensor:
+        if rows is None:
+            out = call_all()
+            full.append(out)
+            return (out - a) / b
+        chunks = sorted({r // per for r in rows})
+        sub_rows = [c * per + j for c in chunks for j in range(per)]
+        sliced: dict[str, Any] = {}
+        ok = control is None
+        for name, v in (("c_concat", c_concat), ("c_crossattn", c_crossattn), *kwargs.items()):
+            if not ok:
+                break
+            ok, sliced[name] = _slice_rows(v, sub_rows, batch)
+        if ok and len(chunks) < len(uuids):
+            sub_opts = dict(topts)
+            sub_opts["uuids"] = [uuids[c] for c in chunks]
+            sub_opts["cond_or_uncond"] = [cond_or_uncond[c] for c in chunks]
+            c_cat, c_cross = sliced.pop("c_concat"), sliced.pop("c_crossattn")
+            out = executor(x[sub_rows], t[sub_rows], c_cat, c_cross, control, sub_opts, **sliced)
+        else:
+            out, sub_rows = call_all(), list(range(batch))
+        pos = {r: i for i, r in enumerate(sub_rows)}
+        idx = [pos[r] for r in rows]
+        picked = out[idx]
+        for j, r in enumerate(rows):
+            denoised_parts[r] = picked[j : j + 1]
+        return (picked - a[rows]) / b[rows]
+
+    raw = run_cached(run.cache, keys, xc, [step] * batch, run.num_steps, compute, labels)
+    if full:  # every row computed: the model's own output, untouched (threshold 0 is bit-identical)
+        return full[0]
+    denoised = a + b * raw.to(a.dtype)
+    for r, part in denoised_parts.items():
+        denoised[r : r + 1] = part
+    return denoised
+
+
+# -- the node ------------------------------------------------------------------------------------
+def _check_hookable(model: Any) -> None:
+    inner = getattr(model, "model", None)
+    missing = [n for n in ("apply_model", "_apply_model", "model_sampling") if not hasattr(inner, n)]
+    if missing or not hasattr(model, "add_wrapper_with_key"):
+        from ..errors import UnsupportedModelError
+
+        msg = (f"EasyCache (hasten) cannot hook {type(inner).__name__}: it needs a ComfyUI diffusion MODEL "
+               f"(comfy.model_base.BaseModel with model_sampling, e.g. SD1.x/SDXL/SD3/Flux/Wan); "
+               f"missing {missing or ['add_wrapper_with_key']}")
+        log.error(msg)
+        raise UnsupportedModelError(msg)
+
+
+def patch_model(model: Any, config: EasyCacheConfig, verbose: bool = False) -> Any:
+    """A clone of ``model`` with EasyCache wrappers under one key (re-patching replaces, never stacks)."""
+    _check_hookable(model)
+    import comfy.patcher_extension as pe
+
+    m = model.clone()
+    m.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+    m.remove_wrappers_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    m.model_options.setdefault("transformer_options", {})[HOLDER_KEY] = EasyCacheHolder(config, verbose)
+    m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
+    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
+    return m
+
+
+class HastenEasyCache:
+    """Node "EasyCache (hasten)": reuse the denoiser's transformation on steps where it barely changes."""
+
+    CATEGORY = "hasten"
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+    DESCRIPTION = ("EasyCache (Zhou et al.): skips denoiser forwards whose output is predicted from the "
+                   "cached transformation. Works on every ComfyUI model, SD3/MMDiT included.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "reuse_threshold": ("FLOAT", {"default": _DEFAULTS.threshold, "min": 0.0, "max": 3.0, "step": 0.01,
+                                              "tooltip": "0 = off (identical to no cache); higher = faster"}),
+                "start_percent": ("FLOAT", {"default": _DEFAULTS.warmup, "min": 0.0, "max": 1.0, "step": 0.01,
+                                            "tooltip": "fraction of steps always computed at the start"}),
+                "end_percent": ("FLOAT", {"default": _DEFAULTS.end, "min": 0.0, "max": 1.0, "step": 0.01,
+                                          "tooltip": "fraction of steps after which caching stops"}),
+                "max_consecutive_reuse": ("INT", {"default": _DEFAULTS.max_consecutive_reuse, "min": 0,
+                                                  "max": 100, "tooltip": "cap on reuses in a row (0 = none)"}),
+                "verbose": ("BOOLEAN", {"default": False}),
+            }
+        }
+
+    def patch(self, model: Any, reuse_threshold: float, start_percent: float, end_percent: float,
+              max_consecutive_reuse: int = _DEFAULTS.max_consecutive_reuse, verbose: bool = False) -> tuple:
+        config = EasyCacheConfig(threshold=reuse_threshold, warmup=start_percent, end=end_percent,
+                                 max_consecutive_reuse=max_consecutive_reuse)
+        return (patch_model(model, config, verbose),)
+
+
+NODE_CLASS_MAPPINGS = {"HastenEasyCache": HastenEasyCache}
+NODE_DISPLAY_NAME_MAPPINGS = {"HastenEasyCache": "EasyCache (hasten)"}

@@ -1,0 +1,111 @@
+"""diffusers adapter for EasyCache: a forward hook on the denoiser that defers every decision to
+:class:`hasten.caches.EasyCache`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..caches import EasyCache, EasyCacheConfig, RunStats, run_cached
+from .denoiser import (
+    DenoiserHook,
+    attach,
+    branch_keys,
+    detach,
+    find_denoisers,
+    main_tensor,
+    slice_batch,
+    split_input,
+)
+from .registry import Feature, features
+
+HOOK_NAME = "hasten_easycache"
+
+
+class EasyCacheHook(DenoiserHook):
+    """Runs each denoiser call through :func:`run_cached` with one branch per batch row."""
+
+    def __init__(self, pipe: Any, config: EasyCacheConfig) -> None:
+        super().__init__(pipe)
+        self.cache = EasyCache(config)
+
+    def on_run_end(self) -> None:
+        self.cache.end_run()
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        x = split_input(args, kwargs)
+        batch = x.shape[0]
+        keys, labels = branch_keys(self.pipe_ref, self.context.name, batch, module)
+        if self.tracker.new_run_needed(keys):
+            self.cache.end_run()
+            self.tracker.start()
+            self.cache.begin_run(self.tracker.num_steps)
+        steps = self.tracker.steps_for(keys)
+        forward = self.original()
+        full: list[Any] = []
+
+        def compute(rows: list[int] | None) -> torch.Tensor:
+            if rows is None:
+                result = forward(*args, **kwargs)
+                full.append(result)
+            else:
+                a, kw = slice_batch(args, kwargs, rows, batch)
+                result = forward(*a, **kw)
+            self.packer.learn(result)
+            return main_tensor(result)
+
+        out = run_cached(self.cache, keys, x, steps, self.tracker.num_steps, compute, labels)
+        if full:  # every row computed: hand back the model's own output object untouched
+            return full[0]
+        return self.packer.pack(out, kwargs.get("return_dict"))
+
+
+class EasyCacheFeature(Feature):
+    name = "easycache"
+
+    def __init__(self, pipe: Any, config: EasyCacheConfig) -> None:
+        self.config = config
+        self.hooks: dict[str, EasyCacheHook] = {}
+        for comp, module in find_denoisers(pipe).items():
+            hook = EasyCacheHook(pipe, config)
+            attach(module, hook, HOOK_NAME)
+            self.hooks[comp] = hook
+        self._modules = find_denoisers(pipe)
+
+    def remove(self) -> None:
+        for module in self._modules.values():
+            detach(module, HOOK_NAME)
+        self.hooks = {}
+
+    def stats(self) -> dict[str, RunStats | None]:
+        out: dict[str, RunStats | None] = {}
+        for comp, hook in self.hooks.items():
+            cur = hook.cache.current_stats()
+            out[comp] = cur if cur.calls else hook.cache.last_run
+        return out
+
+
+def enable_easycache(pipe: Any, config: EasyCacheConfig | None = None, **kwargs: Any) -> Any:
+    """Turn on EasyCache for ``pipe``'s denoiser(s); settings as in :class:`EasyCacheConfig`.
+
+    Calling it again replaces the previous settings (caches never stack). Returns the pipeline.
+    """
+    if config is None:
+        config = EasyCacheConfig(**kwargs)
+    elif kwargs:
+        raise TypeError("pass either an EasyCacheConfig or keyword settings, not both")
+    reg = features(pipe)
+    if "easycache" in reg:
+        reg.pop("easycache").remove()
+    reg["easycache"] = EasyCacheFeature(pipe, config)
+    return pipe
+
+
+def disable_easycache(pipe: Any) -> Any:
+    """Remove EasyCache from ``pipe``; the denoiser's forward is restored exactly. Returns the pipeline."""
+    reg = features(pipe)
+    feat = reg.pop("easycache", None)
+    if feat is not None:
+        feat.remove()
+    return pipe

@@ -1,0 +1,47 @@
+"""Which hasten features are on for a pipeline, and their statistics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ATTR = "_hasten_features"
+
+
+class Feature:
+    """One enabled accelerator on one pipeline: knows how to remove itself and report stats."""
+
+    name = "feature"
+
+    def remove(self) -> None:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+def features(pipe: Any) -> dict[str, Feature]:
+    """The pipeline's enabled features, by name (created empty on first use)."""
+    reg = getattr(pipe, _ATTR, None)
+    if reg is None:
+        reg = {}
+        setattr(pipe, _ATTR, reg)
+    return reg
+
+
+def stats(pipe: Any) -> dict[str, Any]:
+    """Statistics of every enabled feature after (or during) the last pipeline call."""
+    return {name: feat.stats() for name, feat in features(pipe).items()}
+
+
+def summary(pipe: Any) -> str:
+    """Human-readable report of what each enabled feature did in the last call."""
+    lines = []
+    for name, feat in features(pipe).items():
+        for comp, st in feat.stats().items():
+            if st is None:
+                lines.append(f"[{name}] {comp}: no run yet")
+            elif hasattr(st, "summary"):
+                lines.append(f"[{name}] {comp}: " + st.summary())
+            else:
+                lines.append(f"[{name}] {comp}: {st}")
+    return "\n".join(lines) if lines else "hasten: no accelerator enabled on this pipeline"

@@ -1,0 +1,240 @@
+"""diffusers adapter for adaptive block-sparse attention (:class:`hasten.kernels.adaspa.AdaSpa`).
+
+Wiring only: the supported self/joint-attention processors are wrapped through the public
+``set_attn_processor`` API. A wrapper runs the original processor unchanged (projections, norms, rotary
+embeddings) and only routes its inner attention call (``dispatch_attention_fn`` or
+``F.scaled_dot_product_attention`` in the processor's module) to the policy, which answers with a
+sparse/search output or None ("run the original attention", bit-identical). A DenoiserHook on the
+transformer tells the policy when a run starts, the step, the branch of each batch row and the text
+length of joint attention. ``disable_sparse_attention`` puts the original processor objects back.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import UnsupportedModelError
+from ..kernels.adaspa import AdaSpa, AdaSpaConfig, AdaSpaStats
+from .denoiser import DenoiserHook, attach, branch_keys, detach, find_denoisers, split_input
+from .registry import Feature, features
+
+HOOK_NAME = "hasten_sparse_attention"
+
+
+@dataclass(frozen=True)
+class _Family:
+    """How one processor class lays out its attention call."""
+
+    fn_name: str  # global the processor calls for attention
+    layout: str  # "BSHD" (dispatch_attention_fn) or "BHSD" (F.scaled_dot_product_attention)
+    text: str  # "none", "front" or "back": where text tokens sit in joint attention
+    text_from_call: bool  # text length from the processor's encoder_hidden_states (else from the model call)
+    only: str | None = None  # wrap only processors whose name contains this ("attn1": Wan self-attention)
+
+
+FAMILIES: dict[str, _Family] = {
+    "WanAttnProcessor": _Family("dispatch_attention_fn", "BSHD", "none", False, only="attn1"),
+    "WanAttnProcessor2_0": _Family("dispatch_attention_fn", "BSHD", "none", False, only="attn1"),
+    "FluxAttnProcessor": _Family("dispatch_attention_fn", "BSHD", "front", False),
+    "HunyuanVideoAttnProcessor2_0": _Family("dispatch_attention_fn", "BSHD", "back", False),
+    "JointAttnProcessor2_0": _Family("F", "BHSD", "back", True),
+}
+SUPPORTED_TEXT = (
+    "transformers whose attention processors are WanAttnProcessor (Wan 2.1/2.2), FluxAttnProcessor (Flux), "
+    "JointAttnProcessor2_0 (SD3/SD3.5) or HunyuanVideoAttnProcessor2_0 (HunyuanVideo)"
+)
+_LOCK = threading.RLock()
+
+
+class _Context:
+    """What the transformer hook learned about the current call (shared by its wrapped processors)."""
+
+    def __init__(self) -> None:
+        self.rows: list[Any] = []
+        self.step = 0
+        self.text_len = 0
+
+
+class _FunctionalProxy(types.ModuleType):
+    """``torch.nn.functional`` with ``scaled_dot_product_attention`` replaced (for SD3's processor)."""
+
+    def __init__(self, sdpa: Callable) -> None:
+        super().__init__("torch.nn.functional")
+        self.scaled_dot_product_attention = sdpa
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.nn.functional, name)
+
+
+class SparseAttnProcessor:
+    """Wraps an original attention processor; routes its attention call through the AdaSpa policy."""
+
+    def __init__(self, inner: Any, name: str, family: _Family, policy: AdaSpa, ctx: _Context) -> None:
+        self.inner, self.name, self.family, self.policy, self.ctx = inner, name, family, policy, ctx
+        self._globals = type(inner).__call__.__globals__
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, **kwargs: Any) -> Any:
+        args: tuple = (attn, hidden_states, encoder_hidden_states, attention_mask)
+        if image_rotary_emb is not None:  # Wan/Flux pass it 4th positionally; SD3/Hunyuan-style by keyword
+            args += (image_rotary_emb,)
+        if self.policy.config.off:
+            return self.inner(*args, **kwargs)
+        fam = self.family
+        if fam.text == "none":
+            text_len = 0
+        elif fam.text_from_call:
+            text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
+        else:
+            text_len = self.ctx.text_len
+        original = self._globals[fam.fn_name]
+        replacement = self._sdpa(torch.nn.functional.scaled_dot_product_attention, text_len) \
+            if fam.fn_name == "F" else self._dispatch(original, text_len)
+        with _LOCK:
+            self._globals[fam.fn_name] = _FunctionalProxy(replacement) if fam.fn_name == "F" else replacement
+            try:
+                return self.inner(*args, **kwargs)
+            finally:
+                self._globals[fam.fn_name] = original
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                text_len: int) -> torch.Tensor | None:
+        """(B, H, S, D) attention by the policy, or None for the original dense path."""
+        S = k.shape[2]
+        if text_len >= S:
+            return None
+        if self.family.text == "front":
+            ranges: tuple[tuple[int, int], ...] = ((0, text_len),) if text_len else ()
+        elif self.family.text == "back":
+            ranges = ((S - text_len, S),) if text_len else ()
+        else:
+            ranges = ()
+        B = q.shape[0]
+        rows = self.ctx.rows if len(self.ctx.rows) == B else [("row", B, i) for i in range(B)]
+        return self.policy.attend(self.name, rows, self.ctx.step, q, k, v, scale, ranges)
+
+    def _dispatch(self, original: Callable, text_len: int) -> Callable:
+        def dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                     enable_gqa=False, *args, **kwargs):
+            plain = attn_mask is None and not dropout_p and not is_causal and not enable_gqa and not args \
+                and kwargs.get("parallel_config") is None and query.shape[2] == key.shape[2]
+            out = None
+            if plain:
+                out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale,
+                                   text_len)
+            if out is None:
+                return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *args,
+                                **kwargs)
+            return out.transpose(1, 2)
+
+        return dispatch
+
+    def _sdpa(self, original: Callable, text_len: int) -> Callable:
+        def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+            out = None
+            if attn_mask is None and not dropout_p and not is_causal and not kwargs.get("enable_gqa"):
+                out = self._attend(query, key, value, scale, text_len)
+            if out is None:
+                return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                scale=scale, **kwargs)
+            return out
+
+        return sdpa
+
+
+class SparseAttentionHook(DenoiserHook):
+    """Tells the policy about runs, steps, branches and text length; the forward itself is untouched."""
+
+    def __init__(self, pipe: Any, policy: AdaSpa, ctx: _Context) -> None:
+        super().__init__(pipe)
+        self.policy, self.ctx = policy, ctx
+
+    def on_run_end(self) -> None:
+        self.policy.end_run()
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        x = split_input(args, kwargs)
+        keys, _ = branch_keys(self.pipe_ref, self.context.name, x.shape[0], module)
+        if self.tracker.new_run_needed(keys):
+            self.policy.end_run()
+            self.tracker.start()
+            self.policy.begin_run()
+        steps = self.tracker.steps_for(keys)
+        ehs = kwargs.get("encoder_hidden_states")
+        self.ctx.rows, self.ctx.step = keys, max(steps)
+        self.ctx.text_len = ehs.shape[1] if isinstance(ehs, torch.Tensor) and ehs.ndim == 3 else 0
+        return self.original()(*args, **kwargs)
+
+
+class SparseAttentionFeature(Feature):
+    name = "sparse_attention"
+
+    def __init__(self, pipe: Any, config: AdaSpaConfig) -> None:
+        self.config = config
+        self.modules = find_denoisers(pipe)
+        plans: dict[str, tuple[dict[str, Any], dict[str, Any], AdaSpa, _Context]] = {}
+        for comp, module in self.modules.items():
+            if not hasattr(module, "attn_processors") or not hasattr(module, "set_attn_processor"):
+                raise UnsupportedModelError(f"{type(module).__name__} has no attention processors; hasten's "
+                                            f"sparse attention supports {SUPPORTED_TEXT}.")
+            original = dict(module.attn_processors)
+            policy, ctx = AdaSpa(config), _Context()
+            wrapped = {}
+            for name, proc in original.items():
+                fam = FAMILIES.get(type(proc).__name__)
+                if fam is not None and (fam.only is None or fam.only in name):
+                    wrapped[name] = SparseAttnProcessor(proc, name, fam, policy, ctx)
+            if not wrapped:
+                kinds = sorted({type(p).__name__ for p in original.values()})
+                raise UnsupportedModelError(f"{type(module).__name__} uses attention processors {kinds}; hasten's "
+                                            f"sparse attention supports {SUPPORTED_TEXT}.")
+            plans[comp] = (original, {**original, **wrapped}, policy, ctx)
+        self.originals: dict[str, dict[str, Any]] = {}
+        self.policies: dict[str, AdaSpa] = {}
+        for comp, (original, new, policy, ctx) in plans.items():
+            module = self.modules[comp]
+            module.set_attn_processor(dict(new))
+            attach(module, SparseAttentionHook(pipe, policy, ctx), HOOK_NAME)
+            self.originals[comp], self.policies[comp] = original, policy
+
+    def remove(self) -> None:
+        for comp, module in self.modules.items():
+            detach(module, HOOK_NAME)
+            if comp in self.originals:
+                module.set_attn_processor(dict(self.originals[comp]))
+        self.originals, self.policies = {}, {}
+
+    def stats(self) -> dict[str, AdaSpaStats | None]:
+        out: dict[str, AdaSpaStats | None] = {}
+        for comp, policy in self.policies.items():
+            cur = policy.stats
+            out[comp] = cur if (cur.dense_calls or cur.search_calls or cur.sparse_calls) else policy.last_run
+        return out
+
+
+def enable_sparse_attention(pipe: Any, config: AdaSpaConfig | None = None, **kwargs: Any) -> Any:
+    """Route the denoiser's self/joint attention through AdaSpa sparse attention; settings as in
+    :class:`hasten.kernels.adaspa.AdaSpaConfig`. Calling it again replaces the settings. Returns the pipeline."""
+    if config is None:
+        config = AdaSpaConfig(**kwargs)
+    elif kwargs:
+        raise TypeError("pass either an AdaSpaConfig or keyword settings, not both")
+    reg = features(pipe)
+    if "sparse_attention" in reg:
+        reg.pop("sparse_attention").remove()
+    reg["sparse_attention"] = SparseAttentionFeature(pipe, config)
+    return pipe
+
+
+def disable_sparse_attention(pipe: Any) -> Any:
+    """Remove sparse attention: the original processor objects and forward are restored. Returns the pipeline."""
+    feat = features(pipe).pop("sparse_attention", None)
+    if feat is not None:
+        feat.remove()
+    return pipe

