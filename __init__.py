@@ -14,15 +14,42 @@ from __future__ import annotations
 
 from .caches import EasyCache, EasyCacheConfig, RunStats
 from .errors import UnsupportedModelError
+from .quant import (
+    Int4WeightOnlyConfig,
+    Int8WeightOnlyConfig,
+    W8A8Config,
+    calibrate,
+    dequantize_,
+    load_quantized,
+    quantize_,
+    save_quantized,
+    weight_memory,
+)
+from .samplers.bottleneck import BottleneckConfig
+from .samplers.guidance import GuidanceConfig, LinearAGCoefficients
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BottleneckConfig",
+    "GuidanceConfig",
+    "LinearAGCoefficients",
     "EasyCache",
     "EasyCacheConfig",
     "RunStats",
     "UnsupportedModelError",
     "__version__",
+]
+__all__ += [
+    "Int4WeightOnlyConfig",
+    "Int8WeightOnlyConfig",
+    "W8A8Config",
+    "calibrate",
+    "dequantize_",
+    "load_quantized",
+    "quantize_",
+    "save_quantized",
+    "weight_memory",
 ]
 
 try:  # diffusers is a base dependency, but a ComfyUI install may lack it: the nodes still load.
@@ -41,7 +68,19 @@ else:
     )
 
     install_pipeline_methods()
+    from .pipelines import dequantize_pipeline, quantize_pipeline
+
+    __all__ += ["dequantize_pipeline", "quantize_pipeline"]
     __all__ += ["disable_easycache", "enable_easycache", "features", "stats", "summary"]
+    from .pipelines import (
+        disable_adaptive_guidance,
+        disable_bottleneck_sampling,
+        enable_adaptive_guidance,
+        enable_bottleneck_sampling,
+    )
+
+    __all__ += ["disable_adaptive_guidance", "disable_bottleneck_sampling", "enable_adaptive_guidance",
+                "enable_bottleneck_sampling"]
 
 
 def load_embedded(*args, **kwargs):

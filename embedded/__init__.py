@@ -6,6 +6,7 @@ unconditional branch. Reproduce the weights with ``hasten train-embedded``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,9 @@ def load_embedded(device: str | torch.device = "cpu", dtype: torch.dtype = torch
     root = Path(path) if path is not None else WEIGHTS_DIR
     if not (root / "model_index.json").exists():
         raise FileNotFoundError(f"no embedded weights at {root}; run `hasten train-embedded` to create them")
-    pipe = WanPipeline.from_pretrained(root, torch_dtype=dtype, local_files_only=True)
+    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; accept both versions
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = WanPipeline.from_pretrained(root, torch_dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -62,7 +65,6 @@ def generate_digits(
     Image ``i`` uses its own generator seeded ``seed + i``, so it does not depend on the batch around it
     (the same seed gives the same baseline for PSNR/SSIM comparisons).
     """
-    device = getattr(pipe, "_execution_device", torch.device("cpu"))
     gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(digits))]
     out = pipe(
         prompt=digit_prompts(digits),
@@ -76,5 +78,4 @@ def generate_digits(
         output_type="pt",
         **kwargs,
     ).frames
-    del device
     return out[:, 0].float().cpu()

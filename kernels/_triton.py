@@ -37,7 +37,7 @@ HOPPER_SPARSE_CONFIGS = [
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Out, LSE, KV_NUM, KV_IDX,
+    Q, K, V, Out, LSE, KV_NUM, KV_IDX, KV_LEN,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -47,7 +47,7 @@ def _attn_fwd(
     s_ib, s_ih, s_im,
     H, SEQ_Q, SEQ_K, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, HAS_KV_LEN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -57,17 +57,18 @@ def _attn_fwd(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    seq_k = SEQ_K
+    if HAS_KV_LEN:  # keys past this row's length are padding (e.g. HunyuanVideo's text padding)
+        seq_k = tl.load(KV_LEN + b)
     q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < SEQ_Q) & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if SPARSE:
         n_iter = tl.load(KV_NUM + b * s_nb + h * s_nh + pid_m * s_nm)
     else:
-        n_iter = tl.cdiv(SEQ_K, BLOCK_N)
+        n_iter = tl.cdiv(seq_k, BLOCK_N)
     idx_base = KV_IDX + b * s_ib + h * s_ih + pid_m * s_im
     for it in range(0, n_iter):
         if SPARSE:
@@ -75,7 +76,7 @@ def _attn_fwd(
         else:
             start_n = it * BLOCK_N
         kn = start_n + offs_n
-        n_ok = kn < SEQ_K
+        n_ok = kn < seq_k
         k = tl.load(
             K + b * s_kb + h * s_kh + kn[None, :] * s_kn + offs_d[:, None] * s_kd,
             mask=n_ok[None, :] & d_ok[:, None], other=0.0,
@@ -84,14 +85,12 @@ def _attn_fwd(
             V + b * s_vb + h * s_vh + kn[:, None] * s_vn + offs_d[None, :] * s_vd,
             mask=n_ok[:, None] & d_ok[None, :], other=0.0,
         )
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
         qk = tl.dot(q, k) * qk_scale  # base-2 logits
         qk = tl.where(n_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile of padding only: no NaN
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -119,6 +118,7 @@ def attention_fwd(
     scale: float,
     kv_num_blocks: torch.Tensor | None = None,
     kv_indices: torch.Tensor | None = None,
+    kv_lens: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,15 +141,16 @@ def attention_fwd(
     else:
         num = idx = torch.zeros((1, 1, 1, 1), device=q.device, dtype=torch.int32)
     block_d = max(16, triton.next_power_of_2(D))
+    lens = kv_lens.to(device=q.device, dtype=torch.int32) if kv_lens is not None else num
     args = (
-        q, k, v, out, lse, num, idx,
+        q, k, v, out, lse, num, idx, lens,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         lse.stride(0), lse.stride(1),
         num.stride(0), num.stride(1), num.stride(2),
         idx.stride(0), idx.stride(1), idx.stride(2),
         H, Sq, Sk, scale * LOG2E,
     )
-    common = {"HEAD_DIM": D, "BLOCK_D": block_d, "SPARSE": sparse, "UPCAST": False}
+    common = {"HEAD_DIM": D, "BLOCK_D": block_d, "SPARSE": sparse, "HAS_KV_LEN": kv_lens is not None}
     if sparse:
         bm, bn = block_m, block_n
         grid = (triton.cdiv(Sq, bm), B * H)

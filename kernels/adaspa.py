@@ -39,6 +39,7 @@ class AdaSpaConfig:
     max_refine_rounds: int = 3
     enabled: bool = True
     backend: str = "auto"
+    measure_error: bool = False  # diagnostics: also run dense at sparse steps, record relative error per layer
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_mass <= 1.0:
@@ -110,7 +111,7 @@ def block_coverage(lse_sparse: torch.Tensor, lse_dense: torch.Tensor, block_size
 
 def search_pattern(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse_dense: torch.Tensor, config: AdaSpaConfig,
-    dense_ranges: DenseRanges = (), scale: float | None = None,
+    dense_ranges: DenseRanges = (), scale: float | None = None, kv_lens: torch.Tensor | None = None,
 ) -> tuple[BlockSparsePattern, torch.Tensor]:
     """Hierarchical search (coarse pooled ranking, exact LSE-based coverage); returns (pattern, coverage)."""
     bs, target = config.block_size, config.target_mass
@@ -124,7 +125,7 @@ def search_pattern(
         mask = select_blocks(est, threshold) | kd
         mask[:, :, qd, :] = True
         pattern = BlockSparsePattern.from_block_mask(mask, bs, Sq, Sk)
-        _, lse_sparse = block_sparse_attention(q, k, v, pattern, s, config.backend)
+        _, lse_sparse = block_sparse_attention(q, k, v, pattern, s, config.backend, kv_lens)
         coverage = block_coverage(lse_sparse, lse_dense, bs)
         short = coverage < target - 1e-6
         if not bool(short.any()):
@@ -151,6 +152,7 @@ class AdaSpaStats:
     search_calls: int = 0
     sparse_calls: int = 0
     layers: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> (density, min coverage)
+    errors: dict[str, float] = field(default_factory=dict)  # layer -> max ||sparse - dense|| / ||dense||
 
     def mean_density(self) -> float | None:
         return sum(d for d, _ in self.layers.values()) / len(self.layers) if self.layers else None
@@ -195,9 +197,12 @@ class AdaSpa:
 
     def attend(
         self, layer: Any, rows: list[Any], step: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        scale: float | None = None, dense_ranges: DenseRanges = (),
+        scale: float | None = None, dense_ranges: DenseRanges = (), kv_lens: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """Attention for (B, H, S, D) ``q, k, v`` whose batch rows are branches ``rows``; None = run dense."""
+        """Attention for (B, H, S, D) ``q, k, v`` whose batch rows are branches ``rows``; None = run dense.
+
+        ``kv_lens`` (B,) optionally marks trailing keys of each row as padding (key-padding masks).
+        """
         decision = self.decide(step, k.shape[2])
         if decision == "dense" or q.shape[2] != k.shape[2]:
             self.stats.dense_calls += 1
@@ -209,12 +214,16 @@ class AdaSpa:
             p is not None and (p.kv_num_blocks.shape[1], p.seq_q, p.block_size) == shape for p in have
         ):
             self.stats.sparse_calls += 1
-            out, _ = block_sparse_attention(q, k, v, stack_patterns(have), scale, self.config.backend)
+            out, _ = block_sparse_attention(q, k, v, stack_patterns(have), scale, self.config.backend, kv_lens)
+            if self.config.measure_error:
+                ref, _ = flash_attention(q, k, v, scale, self.config.backend, kv_lens=kv_lens)
+                err = float(((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item())
+                self.stats.errors[str(layer)] = max(err, self.stats.errors.get(str(layer), 0.0))
             return out
         # search: a dense pass with exact LSE, then the pattern for the following steps
         self.stats.search_calls += 1
-        out, lse = flash_attention(q, k, v, scale, self.config.backend)
-        pattern, coverage = search_pattern(q, k, v, lse, self.config, dense_ranges, scale)
+        out, lse = flash_attention(q, k, v, scale, self.config.backend, kv_lens=kv_lens)
+        pattern, coverage = search_pattern(q, k, v, lse, self.config, dense_ranges, scale, kv_lens)
         for i, key in enumerate(keys):
             self.patterns[key] = pattern.select([i])
         self.stats.layers[str(layer)] = (pattern.density(), float(coverage.min().item()))

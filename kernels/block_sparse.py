@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flash_attention import _scale, pick_backend, triton_module
+from .flash_attention import _scale, key_padding, pick_backend, triton_module
 
 
 @dataclass
@@ -84,9 +84,12 @@ class BlockSparsePattern:
 
 def block_sparse_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
-    scale: float | None = None, max_elems: int = 1 << 25,
+    scale: float | None = None, max_elems: int = 1 << 25, kv_lens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch block-sparse attention ``(out, lse)``: gathers only the listed key/value blocks per query block."""
+    """PyTorch block-sparse attention ``(out, lse)``: gathers only the listed key/value blocks per query block.
+
+    ``kv_lens`` (B,) optionally marks trailing keys of each batch row as padding.
+    """
     s = _scale(q, scale)
     B, H, Sq, D = q.shape
     Sk, bs = k.shape[2], pattern.block_size
@@ -95,7 +98,10 @@ def block_sparse_reference(
     kb_ = torch.nn.functional.pad(k.float(), (0, 0, 0, pad_k)).view(B, H, KB, bs, D)
     vb_ = torch.nn.functional.pad(v.float(), (0, 0, 0, pad_k)).view(B, H, KB, bs, D)
     qb_ = torch.nn.functional.pad(q.float(), (0, 0, 0, QB * bs - Sq)).view(B, H, QB, bs, D)
-    tok_ok = (torch.arange(KB * bs, device=q.device) < Sk).view(KB, bs)
+    valid = key_padding(kv_lens, Sk, q.device)
+    tok_ok = torch.nn.functional.pad(valid.view(B, 1, Sk), (0, pad_k)) if valid is not None else \
+        (torch.arange(KB * bs, device=q.device) < Sk).view(1, 1, KB * bs)
+    tok_ok = tok_ok.view(-1, KB, bs)  # (B or 1, KB, bs)
     idx = pattern.kv_indices.long().to(q.device)
     slot_ok = torch.arange(W, device=q.device) < pattern.kv_num_blocks.long().to(q.device).unsqueeze(-1)
     step = max(1, max_elems // max(1, B * H * W * bs * D))
@@ -106,11 +112,12 @@ def block_sparse_reference(
         flat = ids.reshape(B, H, n * W)
         kg = torch.gather(kb_, 2, flat[..., None, None].expand(B, H, n * W, bs, D)).view(B, H, n, W * bs, D)
         vg = torch.gather(vb_, 2, flat[..., None, None].expand(B, H, n * W, bs, D)).view(B, H, n, W * bs, D)
-        ok = (tok_ok[ids] & slot_ok[:, :, c : c + step, :, None]).view(B, H, n, 1, W * bs)
+        rows = torch.arange(tok_ok.shape[0], device=q.device).view(-1, 1, 1, 1)
+        ok = (tok_ok[rows, ids] & slot_ok[:, :, c : c + step, :, None]).view(B, H, n, 1, W * bs)
         logits = torch.matmul(qb_[:, :, c : c + step], kg.transpose(-1, -2)) * s  # (B, H, n, bs, W*bs)
         logits = logits.masked_fill(~ok, float("-inf"))
         lse = torch.logsumexp(logits, dim=-1)
-        outs.append(torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), vg))
+        outs.append(torch.matmul(torch.exp(logits - lse.unsqueeze(-1)).nan_to_num(0.0), vg))
         lses.append(lse)
     out = torch.cat(outs, dim=2).reshape(B, H, QB * bs, D)[:, :, :Sq]
     lse = torch.cat(lses, dim=2).reshape(B, H, QB * bs)[:, :, :Sq]
@@ -119,7 +126,7 @@ def block_sparse_reference(
 
 def block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
-    scale: float | None = None, backend: str = "auto",
+    scale: float | None = None, backend: str = "auto", kv_lens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention ``(out, lse)`` on (B, H, S, D); Triton on CUDA when available, else PyTorch."""
     if (q.shape[2], k.shape[2]) != (pattern.seq_q, pattern.seq_k):
@@ -129,5 +136,5 @@ def block_sparse_attention(
         assert mod is not None
         bs = pattern.block_size
         return mod.attention_fwd(q, k, v, _scale(q, scale), pattern.kv_num_blocks.to(q.device),
-                                 pattern.kv_indices.to(q.device), block_m=bs, block_n=bs)
-    return block_sparse_reference(q, k, v, pattern, scale)
+                                 pattern.kv_indices.to(q.device), kv_lens=kv_lens, block_m=bs, block_n=bs)
+    return block_sparse_reference(q, k, v, pattern, scale, kv_lens=kv_lens)

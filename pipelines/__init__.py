@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from .bottleneck import disable_bottleneck_sampling, enable_bottleneck_sampling
 from .easycache import disable_easycache, enable_easycache
+from .guidance import disable_adaptive_guidance, enable_adaptive_guidance
+from .quantize import dequantize_pipeline, quantize_pipeline
 from .registry import features, stats, summary
 from .sparse_attention import disable_sparse_attention, enable_sparse_attention
 
 __all__ = [
+    "disable_adaptive_guidance",
+    "disable_bottleneck_sampling",
+    "enable_adaptive_guidance",
+    "enable_bottleneck_sampling",
+    "dequantize_pipeline",
     "disable_easycache",
     "disable_sparse_attention",
     "enable_easycache",
     "enable_sparse_attention",
     "features",
     "install_pipeline_methods",
+    "quantize_pipeline",
     "stats",
     "summary",
 ]
@@ -27,6 +36,12 @@ def install_pipeline_methods() -> None:
         "disable_easycache": disable_easycache,
         "enable_sparse_attention": enable_sparse_attention,
         "disable_sparse_attention": disable_sparse_attention,
+        "quantize": quantize_pipeline,
+        "dequantize": dequantize_pipeline,
+        "enable_adaptive_guidance": enable_adaptive_guidance,
+        "disable_adaptive_guidance": disable_adaptive_guidance,
+        "enable_bottleneck_sampling": enable_bottleneck_sampling,
+        "disable_bottleneck_sampling": disable_bottleneck_sampling,
         "hasten_stats": stats,
         "hasten_summary": summary,
     }

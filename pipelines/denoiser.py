@@ -237,20 +237,47 @@ class DenoiserHook(ModelHook):
     def on_run_end(self) -> None: ...
 
 
-def attach(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
-    """Register ``hook`` on ``module`` under ``name`` (replacing a previous hook of that name)."""
+def _pop_above(registry: HookRegistry, index: int) -> list[tuple[str, ModelHook]]:
+    """Take off the hooks at positions >= ``index`` (outermost first); returns them innermost first.
+
+    diffusers can only unhook the outermost of stacked ``new_forward`` hooks correctly (removing an inner
+    one rewires the outer hook past its own ``new_forward``), so every reordering goes through here.
+    """
+    popped = []
+    for other in list(registry._hook_order[index:])[::-1]:
+        popped.insert(0, (other, registry.get_hook(other)))
+        registry.remove_hook(other, recurse=False)
+    return popped
+
+
+def attach(module: torch.nn.Module, hook: ModelHook, name: str, priority: int = 0) -> None:
+    """Register ``hook`` on ``module`` under ``name`` (replacing a previous hook of that name).
+
+    hasten hooks are stacked by ``priority`` (higher = outer): guidance, which drops rows, sits above
+    caches, which key state by row, whatever order the user enables them in.
+    """
+    hook._hasten_priority = priority  # type: ignore[attr-defined]
+    detach(module, name)
     registry = HookRegistry.check_if_exists_or_initialize(module)
-    if registry.get_hook(name) is not None:
-        registry.remove_hook(name, recurse=False)
+    order = registry._hook_order
+    index = len(order)
+    while index > 0 and getattr(registry.hooks[order[index - 1]], "_hasten_priority", -1) > priority:
+        index -= 1
+    popped = _pop_above(registry, index)
     registry.register_hook(hook, name)
+    for other, h in popped:
+        registry.register_hook(h, other)
 
 
 def detach(module: torch.nn.Module, name: str) -> bool:
-    """Remove hook ``name``; drop the registry too when it is left empty. True if a hook was removed."""
+    """Remove hook ``name`` (hooks above it stay, in order); drop an emptied registry. True if removed."""
     registry = getattr(module, "_diffusers_hook", None)
     if registry is None or registry.get_hook(name) is None:
         return False
+    popped = _pop_above(registry, registry._hook_order.index(name) + 1)
     registry.remove_hook(name, recurse=False)
+    for other, h in popped:
+        registry.register_hook(h, other)
     if not registry.hooks and not any(hasattr(m, "_diffusers_hook") for n, m in module.named_modules() if n):
         del module._diffusers_hook
     return True

@@ -21,6 +21,7 @@ from .denoiser import (
 from .registry import Feature, features
 
 HOOK_NAME = "hasten_easycache"
+PRIORITY = 50  # hook stacking: below guidance (100) and sparse attention (75)
 
 
 class EasyCacheHook(DenoiserHook):
@@ -69,7 +70,7 @@ class EasyCacheFeature(Feature):
         self.hooks: dict[str, EasyCacheHook] = {}
         for comp, module in find_denoisers(pipe).items():
             hook = EasyCacheHook(pipe, config)
-            attach(module, hook, HOOK_NAME)
+            attach(module, hook, HOOK_NAME, priority=PRIORITY)
             self.hooks[comp] = hook
         self._modules = find_denoisers(pipe)
 

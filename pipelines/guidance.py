@@ -24,7 +24,10 @@ from ..samplers.guidance import (
     AdaptiveGuidance,
     GuidanceConfig,
     GuidanceStats,
+    LinearAGCoefficients,
+    cache_dir,
     find_coefficients,
+    fit_linear_ag,
     model_key,
 )
 from .denoiser import (
@@ -41,6 +44,7 @@ from .denoiser import (
 from .registry import Feature, features
 
 HOOK_NAME = "hasten_guidance"
+PRIORITY = 100  # outermost hasten hook: it drops rows, the hooks below key their state by row
 
 
 class GuidanceHook(DenoiserHook):
@@ -174,7 +178,7 @@ class GuidanceFeature(Feature):
         self.hooks: dict[str, GuidanceHook] = {}
         for comp, module in self._modules.items():
             hook = GuidanceHook(pipe, config, record=record)
-            attach(module, hook, HOOK_NAME)
+            attach(module, hook, HOOK_NAME, priority=PRIORITY)
             self.hooks[comp] = hook
 
     def remove(self) -> None:
@@ -232,15 +236,32 @@ def disable_adaptive_guidance(pipe: Any) -> Any:
     return pipe
 
 
-def keep_guidance_outermost(pipe: Any) -> None:
-    """Re-register the guidance hook above any hook added after it (call after enabling a cache)."""
-    feat = features(pipe).get("guidance")
-    if feat is None:
-        return
-    for comp, module in feat._modules.items():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is None or registry._hook_order[-1] == HOOK_NAME:
-            continue
-        hook = feat.hooks[comp]
-        detach(module, HOOK_NAME)
-        attach(module, hook, HOOK_NAME)
+def calibrate_pipeline(pipe: Any, runner: Any, seeds: list[int], out: str | Path | None = None,
+                       ) -> tuple[LinearAGCoefficients, Path]:
+    """Fit LinearAG coefficients for ``pipe``: ``runner(seed)`` runs one full-CFG generation per seed.
+
+    A recording guidance hook (never dropping anything) collects every sample's (cond, uncond)
+    trajectory; the least-squares fit is saved to ``out`` or the user cache dir under the model key,
+    where ``enable_adaptive_guidance(mode="linear")`` finds it. Returns the coefficients and the path.
+    """
+    reg = features(pipe)
+    if "guidance" in reg:
+        raise RuntimeError("disable adaptive guidance before calibrating (calibration needs full CFG runs)")
+    feat = GuidanceFeature(pipe, GuidanceConfig(threshold=2.0), record=True)
+    try:
+        for seed in seeds:
+            runner(seed)
+        trajectories = []
+        for hook in feat.hooks.values():
+            hook.policy.end_run()
+            trajectories.extend(hook.policy.recorded)
+    finally:
+        feat.remove()
+    if not trajectories:
+        raise UnsupportedModelError("calibration saw no CFG denoiser calls: run the pipeline with guidance "
+                                    "(guidance_scale > 1 and a negative prompt)")
+    key = denoiser_key(pipe)
+    coeffs = fit_linear_ag(trajectories, model_key=key)
+    path = Path(out) if out is not None else cache_dir() / f"{key}.json"
+    coeffs.save(path)
+    return coeffs, path

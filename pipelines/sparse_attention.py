@@ -24,6 +24,7 @@ from ..kernels.adaspa import AdaSpa, AdaSpaConfig, AdaSpaStats
 from .denoiser import DenoiserHook, attach, branch_keys, detach, find_denoisers, split_input
 from .registry import Feature, features
 
+PRIORITY = 75  # hook stacking: below guidance (100), above EasyCache (50) so it sees every step
 HOOK_NAME = "hasten_sparse_attention"
 
 
@@ -72,6 +73,18 @@ class _FunctionalProxy(types.ModuleType):
         return getattr(torch.nn.functional, name)
 
 
+def suffix_padding_lengths(mask: torch.Tensor, batch: int, seq_k: int) -> torch.Tensor | None:
+    """Per-row key counts when ``mask`` is a boolean key-padding mask (real keys first, padding last,
+    the same for every head and query, as HunyuanVideo's text padding); None for any other mask."""
+    if mask.dtype != torch.bool or mask.shape[-1] != seq_k or mask.numel() != batch * seq_k:
+        return None
+    m = mask.reshape(batch, seq_k)
+    lens = m.sum(-1)
+    if not torch.equal(m, torch.arange(seq_k, device=m.device) < lens.view(-1, 1)) or bool((lens == 0).any()):
+        return None
+    return lens.to(torch.int32)
+
+
 class SparseAttnProcessor:
     """Wraps an original attention processor; routes its attention call through the AdaSpa policy."""
 
@@ -104,11 +117,16 @@ class SparseAttnProcessor:
                 self._globals[fam.fn_name] = original
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-                text_len: int) -> torch.Tensor | None:
+                text_len: int, attn_mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """(B, H, S, D) attention by the policy, or None for the original dense path."""
         S = k.shape[2]
         if text_len >= S:
             return None
+        kv_lens = None
+        if attn_mask is not None:
+            kv_lens = suffix_padding_lengths(attn_mask, q.shape[0], S)
+            if kv_lens is None:  # a general mask: the original attention handles it
+                return None
         if self.family.text == "front":
             ranges: tuple[tuple[int, int], ...] = ((0, text_len),) if text_len else ()
         elif self.family.text == "back":
@@ -117,17 +135,17 @@ class SparseAttnProcessor:
             ranges = ()
         B = q.shape[0]
         rows = self.ctx.rows if len(self.ctx.rows) == B else [("row", B, i) for i in range(B)]
-        return self.policy.attend(self.name, rows, self.ctx.step, q, k, v, scale, ranges)
+        return self.policy.attend(self.name, rows, self.ctx.step, q, k, v, scale, ranges, kv_lens)
 
     def _dispatch(self, original: Callable, text_len: int) -> Callable:
         def dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                      enable_gqa=False, *args, **kwargs):
-            plain = attn_mask is None and not dropout_p and not is_causal and not enable_gqa and not args \
+            plain = not dropout_p and not is_causal and not enable_gqa and not args \
                 and kwargs.get("parallel_config") is None and query.shape[2] == key.shape[2]
             out = None
             if plain:
                 out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale,
-                                   text_len)
+                                   text_len, attn_mask)
             if out is None:
                 return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *args,
                                 **kwargs)
@@ -138,8 +156,8 @@ class SparseAttnProcessor:
     def _sdpa(self, original: Callable, text_len: int) -> Callable:
         def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
             out = None
-            if attn_mask is None and not dropout_p and not is_causal and not kwargs.get("enable_gqa"):
-                out = self._attend(query, key, value, scale, text_len)
+            if not dropout_p and not is_causal and not kwargs.get("enable_gqa"):
+                out = self._attend(query, key, value, scale, text_len, attn_mask)
             if out is None:
                 return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                 scale=scale, **kwargs)
@@ -197,11 +215,15 @@ class SparseAttentionFeature(Feature):
             plans[comp] = (original, {**original, **wrapped}, policy, ctx)
         self.originals: dict[str, dict[str, Any]] = {}
         self.policies: dict[str, AdaSpa] = {}
-        for comp, (original, new, policy, ctx) in plans.items():
-            module = self.modules[comp]
-            module.set_attn_processor(dict(new))
-            attach(module, SparseAttentionHook(pipe, policy, ctx), HOOK_NAME)
-            self.originals[comp], self.policies[comp] = original, policy
+        try:
+            for comp, (original, new, policy, ctx) in plans.items():
+                module = self.modules[comp]
+                self.originals[comp], self.policies[comp] = original, policy
+                attach(module, SparseAttentionHook(pipe, policy, ctx), HOOK_NAME, priority=PRIORITY)
+                module.set_attn_processor(dict(new))
+        except Exception:
+            self.remove()  # leave the model exactly as it was
+            raise
 
     def remove(self) -> None:
         for comp, module in self.modules.items():
@@ -237,4 +259,66 @@ def disable_sparse_attention(pipe: Any) -> Any:
     feat = features(pipe).pop("sparse_attention", None)
     if feat is not None:
         feat.remove()
+    return pipe
+
+
+def measure_sparse_attention(pipe: Any, generate: Callable[[Any], torch.Tensor], **settings: Any) -> dict[str, Any]:
+    """Run ``generate(pipe)`` dense, then with sparse attention; quality and per-layer attention error.
+
+    ``generate`` must be deterministic (seeded generators) and return the output tensor.
+    Returns PSNR of the sparse output against the dense one (``data_range`` from the dense output), the
+    max abs difference, wall-clock seconds of both runs, the policy's statistics and the relative error of
+    every sparse attention output against dense attention on the same inputs.
+    """
+    import time
+
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    def call() -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        out = generate(pipe)
+        return out, time.perf_counter() - t0
+
+    disable_sparse_attention(pipe)
+    dense, t_dense = call()
+    enable_sparse_attention(pipe, **{**settings, "measure_error": True})
+    try:
+        sparse, _ = call()
+        stats = {comp: st for comp, st in features(pipe)["sparse_attention"].stats().items()}
+        enable_sparse_attention(pipe, **{**settings, "measure_error": False})
+        _, t_sparse = call()
+    finally:
+        disable_sparse_attention(pipe)
+    d, s = dense.float(), sparse.float()
+    rng = float((d.max() - d.min()).item()) or 1.0
+    return {
+        "psnr": float(peak_signal_noise_ratio(s, d, data_range=rng).item()),
+        "max_abs": float((s - d).abs().max().item()),
+        "seconds_dense": t_dense,
+        "seconds_sparse": t_sparse,
+        "stats": stats,
+        "layer_errors": {comp: dict(st.errors) for comp, st in stats.items() if st is not None},
+    }
+
+
+def tiny_wan_pipeline(seed: int = 0) -> Any:
+    """A small random-weight WanPipeline for measurements (no text encoder: call it with prompt embeddings)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+
+
+    torch.manual_seed(seed)
+    tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=4,
+                               out_channels=4, text_dim=32, freq_dim=32, ffn_dim=128, num_layers=4,
+                               rope_max_seq_len=256).eval()
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                           latents_std=[1.0] * 4).eval()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=tr, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -144,6 +144,14 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}"
 
 
+def is_quant_linear(module: nn.Module) -> bool:
+    """A hasten quantized linear, also one built by another copy of this package (ComfyUI loads the same
+    folder under another module name, so ``isinstance`` alone is not enough)."""
+    return isinstance(module, QuantLinear) or (
+        isinstance(module, nn.Module) and hasattr(module, "qweight") and callable(getattr(module, "storage_bytes", None))
+        and callable(getattr(module, "extra_config", None)))
+
+
 @dataclass
 class ScaleSearch:
     """Result of an activation-aware scale search for one layer."""

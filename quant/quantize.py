@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import QuantConfig, QuantLinear, relative_error
+from .base import QuantConfig, QuantLinear, is_quant_linear, relative_error
 from .calibration import CalibrationData, calibrate
 
 STATE_ATTR = "_hasten_quant"
@@ -49,7 +49,7 @@ def weight_memory(module: nn.Module) -> WeightMemory:
     actual = bf16 = quant = 0
     quant_prefixes = []
     for name, sub in module.named_modules():
-        if isinstance(sub, QuantLinear):
+        if is_quant_linear(sub):
             quant_prefixes.append(name + "." if name else "")
             for buf in sub.buffers():
                 actual += buf.numel() * buf.element_size()
@@ -141,20 +141,28 @@ def _layer_error(linear: nn.Linear, ql: QuantLinear, stats: Any | None) -> float
         return relative_error(w, ql.dequantized_weight().to(w.device))
 
 
-def quantize_(module: nn.Module, config: QuantConfig,
-              calibration: CalibrationData | Callable[[], Any] | None = None) -> QuantReport:
-    """Quantize ``module``'s ``nn.Linear`` layers in place according to ``config``.
+def as_config(config: Any) -> QuantConfig:
+    """``config`` itself, or its equivalent from this copy of hasten when it comes from another copy of
+    the package (ComfyUI loads the same folder under another module name)."""
+    if isinstance(config, QuantConfig):
+        return config
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict) and type(config).__name__.endswith("Config"):
+        from .serialize import CONFIGS, config_from_dict
 
-    ``calibration`` is a :class:`CalibrationData` (from :func:`hasten.quant.calibrate`), or a callable
-    running a few real forward passes of ``module`` (recorded here), or ``None`` (no activation-aware
-    scaling, sensitivity measured on the weights, W8A8 falls back to dynamic per-token scales).
-    Returns the :class:`QuantReport` (also available as ``hasten.quant.quant_report(module)``).
-    """
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be one of Int8WeightOnlyConfig, Int4WeightOnlyConfig, W8A8Config; "
-                        f"got {type(config).__name__}")
-    if quant_state(module) is not None:
-        raise ValueError("module is already quantized by hasten; call hasten.dequantize_(module) first")
+        if getattr(config, "method", None) in CONFIGS:
+            return config_from_dict(to_dict())
+    raise TypeError(f"config must be one of Int8WeightOnlyConfig, Int4WeightOnlyConfig, W8A8Config; "
+                    f"got {type(config).__name__}")
+
+
+def plan_quantization(module: nn.Module, config: QuantConfig,
+                      calibration: CalibrationData | Callable[[], Any] | None = None
+                      ) -> tuple[dict[str, QuantLinear], QuantReport]:
+    """Decide and build, without touching ``module``: the quantized replacement of every selected
+    ``nn.Linear`` (by module path) and the report. :func:`quantize_` applies it in place; an adapter
+    (e.g. ComfyUI's model patcher) may apply it as attribute patches instead."""
+    config = as_config(config)
     if isinstance(module, nn.Linear):
         raise UnsupportedModelError("quantize_ replaces the nn.Linear layers inside a module; wrap a bare "
                                     "nn.Linear in a container (e.g. nn.Sequential) first")
@@ -181,6 +189,7 @@ def quantize_(module: nn.Module, config: QuantConfig,
         stats = calibration.get(name) if calibration is not None else None
         with torch.no_grad():
             ql = config.quantize_linear(lin, stats)
+        ql.train(lin.training)
         report.errors[name] = _layer_error(lin, ql, stats)
         candidates[name] = (lin, ql)
 
@@ -190,20 +199,33 @@ def quantize_(module: nn.Module, config: QuantConfig,
         report.kept[name] = (f"sensitive: relative output MSE {report.errors[name]:.3e} "
                              f"(rank {rank + 1} of {len(ranked)}, keep_budget={config.keep_budget})")
         del candidates[name]
+        del report.errors[name]
+    report.quantized = list(candidates)
+    return {name: ql for name, (_, ql) in candidates.items()}, report
 
+
+def quantize_(module: nn.Module, config: QuantConfig,
+              calibration: CalibrationData | Callable[[], Any] | None = None) -> QuantReport:
+    """Quantize ``module``'s ``nn.Linear`` layers in place according to ``config``.
+
+    ``calibration`` is a :class:`CalibrationData` (from :func:`hasten.quant.calibrate`), or a callable
+    running a few real forward passes of ``module`` (recorded here), or ``None`` (no activation-aware
+    scaling, sensitivity measured on the weights, W8A8 falls back to dynamic per-token scales).
+    Returns the :class:`QuantReport` (also available as ``hasten.quant.quant_report(module)``).
+    """
+    config = as_config(config)
+    if quant_state(module) is not None:
+        raise ValueError("module is already quantized by hasten; call hasten.dequantize_(module) first")
+    plan, report = plan_quantization(module, config, calibration)
     originals: dict[str, nn.Module] = {}
     devices: dict[str, torch.device] = {}
-    for name, (lin, ql) in candidates.items():
+    for name, ql in plan.items():
         parent, attr = _parent(module, name)
-        ql.train(lin.training)
+        lin = getattr(parent, attr)
         setattr(parent, attr, ql)
-        report.quantized.append(name)
         devices[name] = lin.weight.device
         if config.restorable:
             originals[name] = lin.to("cpu") if lin.weight.device.type != "cpu" else lin
-    for name in list(report.errors):
-        if name not in candidates:
-            del report.errors[name]
     report.memory_after = weight_memory(module)
     setattr(module, STATE_ATTR, QuantState(config, report, originals, devices))
     return report

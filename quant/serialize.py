@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import QuantConfig, QuantLinear
+from .base import QuantConfig, QuantLinear, is_quant_linear
 from .int4 import Int4WeightOnlyConfig, Int4WeightOnlyLinear
 from .int8 import Int8WeightOnlyConfig, Int8WeightOnlyLinear
 from .quantize import STATE_ATTR, QuantReport, QuantState, quant_state, weight_memory
@@ -69,7 +69,7 @@ def save_quantized(module: nn.Module, path: str | os.PathLike) -> None:
         tensors[key] = t.detach().cpu().contiguous().clone()
     layers = {}
     for name, sub in module.named_modules():
-        if isinstance(sub, QuantLinear):
+        if is_quant_linear(sub):
             layers[name] = {"method": sub.method, "in_features": sub.in_features,
                             "out_features": sub.out_features, "bias": sub.bias is not None,
                             "extra": sub.extra_config()}

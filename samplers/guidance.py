@@ -187,8 +187,8 @@ class _Sample:
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine similarity of two predictions of one sample, in float32 over all elements."""
-    a, b = a.detach().float().flatten(), b.detach().float().flatten()
+    """Cosine similarity of two predictions of one sample, in float64 over all elements."""
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
     return torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12).item()
 
 

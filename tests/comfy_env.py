@@ -99,8 +99,9 @@ def start(base_dir: Path) -> ComfyEnv:
     args.cpu = True
     args.base_directory = str(base_dir)
     args.disable_all_custom_nodes = False
-    import folder_paths  # noqa: F401  (must come after base_directory is set)
     import execution
+    import folder_paths  # noqa: F401  (these imports must come after base_directory is set)
+
     import nodes
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))

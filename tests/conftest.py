@@ -10,6 +10,10 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels are tested on CPU through Triton's interpreter, which must be on before triton is first
+# imported (diffusers/torch may import it during collection). On a CUDA machine the real kernels run.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

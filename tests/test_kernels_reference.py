@@ -46,10 +46,6 @@ def test_reference_gathers_listed_blocks_only():
     q, k, v = (torch.randn(1, 1, 48, 16) for _ in range(3))
     mask = torch.tensor([[[[True, False, False], [False, True, False], [True, False, True]]]])
     pattern = BlockSparsePattern.from_block_mask(mask, 16, 48, 48)
-    k2 = k.clone()
-    k2[:, :, 16:32] = float("nan")
-    k2[:, :, 32:48] = float("nan")
-    k2[:, :, 16:32] = k[:, :, 16:32]  # block 1 is visited by query block 1 only; block 2 by query block 2
     out, _ = block_sparse_attention(q, k, v, pattern)
     assert torch.isfinite(out).all()
     poisoned = k.clone()
@@ -69,3 +65,18 @@ def test_pattern_layout_roundtrip_and_validation():
     assert torch.equal(p.select([1]).block_mask(), mask[1:2])
     with pytest.raises(ValueError, match="kv_num_blocks must be"):
         BlockSparsePattern(p.kv_num_blocks, p.kv_indices, 32, 60, 70)
+
+
+def test_reference_key_padding_lengths():
+    q, k, v = (torch.randn(2, 2, 40, 16) for _ in range(3))
+    kv_lens = torch.tensor([33, 40])
+    tok = (torch.arange(40) < kv_lens.view(-1, 1)).view(2, 1, 1, 40)
+    out, _ = attention_reference(q, k, v, kv_lens=kv_lens)
+    assert (out - F.scaled_dot_product_attention(q, k, v, attn_mask=tok)).abs().max() <= 1e-5
+    mask = torch.rand(2, 2, 3, 3) < 0.6
+    mask[..., 0] = True
+    mask[0, :, :, 2] = True  # block 2 of row 0 is partly padding (33 of 40 keys real)
+    pattern = BlockSparsePattern.from_block_mask(mask, 16, 40, 40)
+    out_s, _ = block_sparse_reference(q, k, v, pattern, kv_lens=kv_lens)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=pattern.token_mask() & tok)
+    assert (out_s - ref).abs().max() <= 1e-5
