@@ -50,7 +50,7 @@ class ForwardCounter:
         blocks = [m for n, m in denoiser.named_children() if isinstance(m, torch.nn.ModuleList) and "block" in n]
         self.blocks = [b for lst in blocks for b in lst]
         if not self.blocks:  # UNets: count rows through the output convolution
-            self.blocks = [getattr(denoiser, "conv_out")]
+            self.blocks = [denoiser.conv_out]
         self.rows = 0
         self._handles = [b.register_forward_pre_hook(self._hook, with_kwargs=True) for b in self.blocks]
 

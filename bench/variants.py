@@ -42,6 +42,55 @@ def hasten_easycache(threshold: float, **kw: Any) -> Variant:
                    {"threshold": threshold, **kw})
 
 
+def hasten_feature(name: str, feature: str, **settings: Any) -> Variant:
+    """Any hasten accelerator with ``pipe.enable_<feature>(**settings)`` / ``pipe.disable_<feature>()``."""
+
+    def apply(pipe: Pipe) -> None:
+        getattr(pipe, f"enable_{feature}")(**settings)
+
+    def remove(pipe: Pipe) -> None:
+        getattr(pipe, f"disable_{feature}")()
+
+    return Variant(name, "hasten", apply, remove, dict(settings))
+
+
+def combo(name: str, *parts: Variant) -> Variant:
+    """Several variants on at once (composition), removed in reverse order."""
+
+    def apply(pipe: Pipe) -> None:
+        for v in parts:
+            v.apply(pipe)
+
+    def remove(pipe: Pipe) -> None:
+        for v in reversed(parts):
+            v.remove(pipe)
+
+    def prepare(pipe: Pipe, generate: Callable[[], Any]) -> None:
+        for v in parts:
+            if v.prepare is not None:
+                v.prepare(pipe, generate)
+
+    unavailable = next((v.unavailable for v in parts if v.unavailable), None)
+    return Variant(name, "hasten", apply, remove, {v.name: v.settings for v in parts}, unavailable, prepare)
+
+
+def adaptive_guidance(threshold: float) -> Variant:
+    return hasten_feature(f"hasten-ag@{threshold:g}", "adaptive_guidance", mode="ag", threshold=threshold)
+
+
+def cfg_truncation(fraction: float) -> Variant:
+    return hasten_feature(f"hasten-cfg-truncate@{fraction:g}", "adaptive_guidance", mode="truncate", truncate=fraction)
+
+
+def bottleneck(scale: float = 0.5, boundaries: tuple[float, float] = (0.2, 0.7)) -> Variant:
+    return hasten_feature(f"hasten-bottleneck@{scale:g}", "bottleneck_sampling", scales=(1.0, scale, 1.0),
+                          boundaries=boundaries)
+
+
+def sparse_attention(mass: float) -> Variant:
+    return hasten_feature(f"hasten-sparse@{mass:g}", "sparse_attention", target_mass=mass)
+
+
 def _transformer_cache(name: str, make_config: Callable[[], Any], settings: dict) -> Variant:
     def apply(pipe: Pipe) -> None:
         pipe.transformer.enable_cache(make_config())
@@ -60,9 +109,8 @@ def diffusers_fbc(threshold: float) -> Variant:
 
 
 def diffusers_taylorseer(interval: int, warmup: int = 3) -> Variant:
-    from diffusers import TaylorSeerCacheConfig
-
     import torch
+    from diffusers import TaylorSeerCacheConfig
 
     return _transformer_cache(
         f"diffusers-taylorseer@{interval}",
@@ -124,12 +172,22 @@ EASYCACHE_SWEEP = (0.05, 0.1, 0.2, 0.3, 0.5)
 
 
 def preset(name: str, steps: int) -> list[Variant]:
-    """Named variant lists: ``easycache`` (hasten's threshold sweep), ``peers`` (sweep + every peer), ``quick``."""
+    """Named variant lists: ``easycache`` (hasten's threshold sweep), ``peers`` (sweep + every peer),
+    ``families`` (each hasten family and their compositions), ``quick``."""
     if name == "quick":
         return [baseline(), hasten_easycache(0.2), diffusers_fbc(0.1)]
     sweep = [hasten_easycache(t) for t in EASYCACHE_SWEEP]
     if name == "easycache":
         return [baseline(), *sweep]
+    if name == "families":
+        return [
+            baseline(), hasten_easycache(0.2),
+            adaptive_guidance(0.991), adaptive_guidance(0.993), adaptive_guidance(0.996), cfg_truncation(0.5),
+            bottleneck(0.5),
+            sparse_attention(0.95),
+            combo("hasten-easycache+ag", hasten_easycache(0.2), adaptive_guidance(0.993)),
+            combo("hasten-easycache+ag+bottleneck", hasten_easycache(0.2), adaptive_guidance(0.993), bottleneck(0.5)),
+        ]
     if name in ("peers", "default"):
         return [
             baseline(),
@@ -139,4 +197,4 @@ def preset(name: str, steps: int) -> list[Variant]:
             diffusers_magcache(0.06, steps), diffusers_magcache(0.12, steps), diffusers_magcache(0.24, steps),
             cache_dit_dbcache(0.08), cache_dit_dbcache(0.16),
         ]
-    raise ValueError(f"unknown preset {name!r}; choose one of: quick, easycache, peers, default")
+    raise ValueError(f"unknown preset {name!r}; choose one of: quick, easycache, families, peers, default")

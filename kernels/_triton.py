@@ -8,8 +8,6 @@ is also when ``TRITON_INTERPRET=1`` takes effect for CPU testing).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -164,7 +162,3 @@ def attention_fwd(
     else:
         _dense_tuned[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)](*args, **common)
     return out.to(orig_dtype), lse
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

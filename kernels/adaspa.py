@@ -121,17 +121,18 @@ def search_pattern(
     qd = dense_blocks(Sq, bs, dense_ranges).to(q.device)
     kd = dense_blocks(Sk, bs, dense_ranges).to(q.device)
     threshold = torch.full(est.shape[:3], target, device=q.device)
-    for rnd in range(config.max_refine_rounds + 1):
+    final = config.max_refine_rounds + 1  # after the refinement rounds, short query blocks go dense
+    for rnd in range(final + 1):
         mask = select_blocks(est, threshold) | kd
         mask[:, :, qd, :] = True
         pattern = BlockSparsePattern.from_block_mask(mask, bs, Sq, Sk)
         _, lse_sparse = block_sparse_attention(q, k, v, pattern, s, config.backend, kv_lens)
         coverage = block_coverage(lse_sparse, lse_dense, bs)
         short = coverage < target - 1e-6
-        if not bool(short.any()):
+        if rnd == final or not bool(short.any()):
             break
-        last = rnd + 1 >= config.max_refine_rounds
-        threshold = torch.where(short, torch.ones_like(threshold) if last else 1 - (1 - threshold) / 4, threshold)
+        raised = torch.ones_like(threshold) if rnd + 1 == final else 1 - (1 - threshold) / 4
+        threshold = torch.where(short, raised, threshold)
     return pattern, coverage
 
 

@@ -136,3 +136,56 @@ def w8a8_linear(a: torch.Tensor, row_scale: torch.Tensor, q: torch.Tensor, col_s
     if not _use_triton(a):
         return w8a8_linear_ref(a, row_scale, q, col_scale, bias, out_dtype)
     return _kernels().w8a8_linear_triton(a.contiguous(), row_scale.contiguous(), q, col_scale, bias, out_dtype)
+
+
+# ----------------------------------------------------------------------------- timing
+
+# (tokens M, in K, out N) of DiT linears: Wan 2.1 1.3B / 14B attention and FFN projections at 480p
+DIT_SHAPES: tuple[tuple[int, int, int], ...] = ((4096, 1536, 1536), (4096, 1536, 8960), (4096, 5120, 5120),
+                                                (4096, 5120, 13824))
+
+
+def time_quant_gemm(shapes: tuple[tuple[int, int, int], ...] = DIT_SHAPES, device: str = "cuda",
+                    dtype: torch.dtype = torch.bfloat16, repeats: int = 20, group_size: int = 128
+                    ) -> list[dict[str, float | int | str]]:
+    """Median time of ``x @ W.T`` in ``dtype`` vs. the int8 / int4 weight-only and W8A8 GEMMs (whatever
+    path :func:`int8_weight_linear` & co. take on ``device``: Triton on CUDA, PyTorch on CPU)."""
+    import statistics
+    import time
+    from functools import partial
+
+    def timed(fn) -> float:
+        fn()
+        out = []
+        for _ in range(repeats):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            out.append(time.perf_counter() - t)
+        return statistics.median(out) * 1e3
+
+    rows: list[dict[str, float | int | str]] = []
+    g = torch.Generator().manual_seed(0)
+    for m, k, n in shapes:
+        x = torch.randn(m, k, generator=g).to(device, dtype)
+        w = (torch.randn(n, k, generator=g) * 0.02).to(device, dtype)
+        q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(device)
+        scale = torch.full((n,), 1e-3, dtype=torch.float16, device=device)
+        packed = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8).to(device)
+        gscale = torch.full((n, k // group_size), 1e-3, dtype=torch.float16, device=device)
+        zero = torch.full((n, k // group_size), 8, dtype=torch.uint8, device=device)
+        a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(device)
+        row = torch.ones(m, device=device)
+        base = timed(partial(F.linear, x, w))
+        times = {
+            "int8_weight_only": timed(partial(int8_weight_linear, x, q, scale)),
+            "int4_weight_only": timed(partial(int4_weight_linear, x, packed, gscale, zero, group_size)),
+            "w8a8_gemm": timed(partial(w8a8_linear, a, row, q, scale.float(), None, dtype)),
+        }
+        for name, ms in times.items():
+            rows.append({"shape": f"{m}x{k}x{n}", "kernel": name, "ms": ms, "baseline_ms": base,
+                         "speedup": base / ms, "device": device})
+    return rows

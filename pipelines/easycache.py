@@ -15,6 +15,7 @@ from .denoiser import (
     detach,
     find_denoisers,
     main_tensor,
+    row_keys,
     slice_batch,
     split_input,
 )
@@ -47,12 +48,15 @@ class EasyCacheHook(DenoiserHook):
         full: list[Any] = []
 
         def compute(rows: list[int] | None) -> torch.Tensor:
+            # row_keys: code below this hook (e.g. sparse-attention processors) keys its state per branch too
             if rows is None:
-                result = forward(*args, **kwargs)
+                with row_keys(module, keys):
+                    result = forward(*args, **kwargs)
                 full.append(result)
             else:
                 a, kw = slice_batch(args, kwargs, rows, batch)
-                result = forward(*a, **kw)
+                with row_keys(module, [keys[i] for i in rows]):
+                    result = forward(*a, **kw)
             self.packer.learn(result)
             return main_tensor(result)
 

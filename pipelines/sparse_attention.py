@@ -21,7 +21,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..kernels.adaspa import AdaSpa, AdaSpaConfig, AdaSpaStats
-from .denoiser import DenoiserHook, attach, branch_keys, detach, find_denoisers, split_input
+from .denoiser import ROW_KEYS_ATTR, DenoiserHook, attach, branch_keys, detach, find_denoisers, split_input
 from .registry import Feature, features
 
 PRIORITY = 75  # hook stacking: below guidance (100), above EasyCache (50) so it sees every step
@@ -58,6 +58,7 @@ class _Context:
 
     def __init__(self) -> None:
         self.rows: list[Any] = []
+        self.module: torch.nn.Module | None = None
         self.step = 0
         self.text_len = 0
 
@@ -134,14 +135,17 @@ class SparseAttnProcessor:
         else:
             ranges = ()
         B = q.shape[0]
-        rows = self.ctx.rows if len(self.ctx.rows) == B else [("row", B, i) for i in range(B)]
+        rows = self.ctx.rows
+        if len(rows) != B:  # a hook below this one runs a subset of the rows (a cache computing some branches)
+            given = getattr(self.ctx.module, ROW_KEYS_ATTR, None)  # set by that hook through `row_keys`
+            rows = list(given) if given is not None and len(given) == B else [("row", B, i) for i in range(B)]
         return self.policy.attend(self.name, rows, self.ctx.step, q, k, v, scale, ranges, kv_lens)
 
     def _dispatch(self, original: Callable, text_len: int) -> Callable:
         def dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                      enable_gqa=False, *args, **kwargs):
             plain = not dropout_p and not is_causal and not enable_gqa and not args \
-                and kwargs.get("parallel_config") is None and query.shape[2] == key.shape[2]
+                and kwargs.get("parallel_config") is None and query.shape[1] == key.shape[1]  # (B, S, H, D)
             out = None
             if plain:
                 out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale,
@@ -185,7 +189,7 @@ class SparseAttentionHook(DenoiserHook):
             self.policy.begin_run()
         steps = self.tracker.steps_for(keys)
         ehs = kwargs.get("encoder_hidden_states")
-        self.ctx.rows, self.ctx.step = keys, max(steps)
+        self.ctx.rows, self.ctx.step, self.ctx.module = keys, max(steps), module
         self.ctx.text_len = ehs.shape[1] if isinstance(ehs, torch.Tensor) and ehs.ndim == 3 else 0
         return self.original()(*args, **kwargs)
 

@@ -51,10 +51,15 @@ class QuantConfig:
             modulation layers by default).
         keep_budget: how many of the remaining layers with the largest measured relative output error
             are also kept: a float in [0, 1) is a fraction of the quantizable layers, an int >= 1 a count.
+        keep_min_error: a layer is kept for sensitivity only if its relative output MSE is at least this
+            (so near-lossless methods such as int8 do not spend memory on layers that do not need it).
         exclude: regexes of layer names never quantized (reported as "excluded").
         restorable: keep the original ``nn.Linear`` modules (offloaded to CPU when they were on an
             accelerator) so :func:`hasten.dequantize_` restores them exactly; ``False`` frees them.
         sample_rows: calibration rows kept per layer to measure quantization error.
+        keep_precision: what "kept in high precision" means for rule / sensitivity-kept layers:
+            "float" (left as they are) or "int8" (int8 weight-only, float activations: the mixed-precision
+            choice for 4-bit and W8A8 methods, where those layers are a large share of a small model).
     """
 
     method: ClassVar[str] = "base"
@@ -62,9 +67,11 @@ class QuantConfig:
 
     keep_patterns: tuple[str, ...] = DEFAULT_KEEP_PATTERNS
     keep_budget: float = 0.05
+    keep_min_error: float = 1e-4
     exclude: tuple[str, ...] = ()
     restorable: bool = True
     sample_rows: int = 256
+    keep_precision: str = "float"
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -80,8 +87,12 @@ class QuantConfig:
             raise ValueError(f"{name}.keep_budget must be a fraction in [0, 1) or a count >= 1, got {b!r}")
         if isinstance(b, float) and b >= 1.0 and not b.is_integer():
             raise ValueError(f"{name}.keep_budget must be a fraction in [0, 1) or a whole count, got {b}")
+        if not (math.isfinite(self.keep_min_error) and self.keep_min_error >= 0):
+            raise ValueError(f"{name}.keep_min_error must be a finite number >= 0, got {self.keep_min_error}")
         if self.sample_rows < 1:
             raise ValueError(f"{name}.sample_rows must be >= 1, got {self.sample_rows}")
+        if self.keep_precision not in ("float", "int8"):
+            raise ValueError(f"{name}.keep_precision must be 'float' or 'int8', got {self.keep_precision!r}")
 
     def keep_count(self, n_layers: int) -> int:
         """Number of measured-sensitive layers to keep out of ``n_layers`` quantizable ones."""
@@ -112,7 +123,9 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        # the bias stays a (frozen) float Parameter: model code reads a submodule's dtype from its parameters
+        # (e.g. diffusers' Wan: ``next(iter(self.time_embedder.parameters())).dtype``)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def extra_config(self) -> dict[str, Any]:
         """Per-layer settings saved next to the tensors (enough to rebuild an empty module)."""
@@ -127,7 +140,7 @@ class QuantLinear(nn.Module):
         """Bytes of this layer if float activations/biases were ``float_bytes`` wide (bf16 = 2): integer
         weights and quantization scales count at their real size."""
         total = 0
-        for name, buf in self.named_buffers(recurse=False):
+        for name, buf in list(self.named_buffers(recurse=False)) + list(self.named_parameters(recurse=False)):
             if buf is None:
                 continue
             if name == "bias":

@@ -37,6 +37,7 @@ class Int4WeightOnlyConfig(QuantConfig):
         group_size: input channels sharing one scale/zero pair (even, 8..1024; 128 is the usual choice,
             smaller is more accurate and slightly larger).
         awq_grid: steps of AWQ's exponent search over [0, 1] on calibration rows (0 = off).
+        keep_precision: kept layers become int8 weight-only by default ("float" leaves them as they are).
         (plus the shared fields of :class:`~hasten.quant.base.QuantConfig`)
     """
 
@@ -45,6 +46,7 @@ class Int4WeightOnlyConfig(QuantConfig):
 
     group_size: int = 128
     awq_grid: int = 20
+    keep_precision: str = "int8"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -50,6 +50,8 @@ class Int8WeightOnlyConfig(QuantConfig):
         super().__post_init__()
         if not 0 <= self.awq_grid <= 1000:
             raise ValueError(f"Int8WeightOnlyConfig.awq_grid must be in [0, 1000], got {self.awq_grid}")
+        if self.keep_precision != "float":
+            raise ValueError("Int8WeightOnlyConfig.keep_precision must be 'float' (int8 is this method itself)")
 
     def quantize_linear(self, linear: nn.Linear, stats: Any | None) -> Int8WeightOnlyLinear:
         w = linear.weight.detach().float()

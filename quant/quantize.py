@@ -6,7 +6,9 @@ Selection, in order:
 2. layers carrying the timestep embedding / modulation (``keep_patterns``) stay, by rule;
 3. every other layer is quantized and its relative output error ``||XW^T - Q(X)||^2 / ||XW^T||^2`` is
    measured on its calibration rows (on the weight alone without calibration); the ``keep_budget``
-   layers with the largest error are put back.
+   layers with the largest error are put back, if that error is at least ``keep_min_error``.
+Kept layers (and those of a shape the method cannot take) stay in float, or (``keep_precision="int8"``,
+the default of the 4-bit and W8A8 methods) are stored as int8 weight-only: mixed precision.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def weight_memory(module: nn.Module) -> WeightMemory:
     for name, sub in module.named_modules():
         if is_quant_linear(sub):
             quant_prefixes.append(name + "." if name else "")
-            for buf in sub.buffers():
+            for buf in list(sub.buffers()) + list(sub.parameters()):
                 actual += buf.numel() * buf.element_size()
             bf16 += 2 * sub.in_features * sub.out_features + (2 * sub.bias.numel() if sub.bias is not None else 0)
             quant += sub.storage_bytes(2)
@@ -79,6 +81,7 @@ class QuantReport:
     memory_before: WeightMemory | None = None
     memory_after: WeightMemory | None = None
     calibrated: bool = False
+    precision: dict[str, str] = field(default_factory=dict)  # kept layers stored as int8 (mixed precision)
 
     def summary(self) -> str:
         lines = [f"{self.method}: {len(self.quantized)} linear layers quantized, {len(self.kept)} kept in "
@@ -95,7 +98,7 @@ class QuantReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "quantized": list(self.quantized), "kept": dict(self.kept),
-                "errors": dict(self.errors), "calibrated": self.calibrated}
+                "errors": dict(self.errors), "calibrated": self.calibrated, "precision": dict(self.precision)}
 
 
 @dataclass
@@ -196,12 +199,28 @@ def plan_quantization(module: nn.Module, config: QuantConfig,
     n_keep = config.keep_count(len(candidates))
     ranked = sorted(report.errors, key=report.errors.get, reverse=True)
     for rank, name in enumerate(ranked[:n_keep]):
+        if report.errors[name] < config.keep_min_error:
+            break
         report.kept[name] = (f"sensitive: relative output MSE {report.errors[name]:.3e} "
                              f"(rank {rank + 1} of {len(ranked)}, keep_budget={config.keep_budget})")
         del candidates[name]
         del report.errors[name]
     report.quantized = list(candidates)
-    return {name: ql for name, (_, ql) in candidates.items()}, report
+    plan = {name: ql for name, (_, ql) in candidates.items()}
+    if config.keep_precision == "int8":  # mixed precision: kept layers in int8 weight-only, not float
+        from .int8 import Int8WeightOnlyConfig
+
+        int8 = Int8WeightOnlyConfig(awq_grid=getattr(config, "awq_grid", 20))
+        modules = dict(linears)
+        for name, why in list(report.kept.items()):
+            if why.startswith(("rule", "sensitive", "unsupported shape")):
+                stats = calibration.get(name) if calibration is not None else None
+                with torch.no_grad():
+                    plan[name] = int8.quantize_linear(modules[name], stats)
+                plan[name].train(modules[name].training)
+                report.kept[name] = why + "; stored as int8 weight-only"
+                report.precision[name] = "int8_weight_only"
+    return plan, report
 
 
 def quantize_(module: nn.Module, config: QuantConfig,
@@ -236,11 +255,14 @@ def dequantize_(module: nn.Module) -> bool:
     st = quant_state(module)
     if st is None:
         return False
-    if not st.config.restorable and st.report.quantized:
+    if not st.config.restorable and (st.report.quantized or st.report.precision):
         raise ValueError("this module was quantized with restorable=False: its original weights were freed; "
                          "reload the model instead")
     for name, lin in st.originals.items():
         parent, attr = _parent(module, name)
-        setattr(parent, attr, lin.to(st.devices[name]) if st.devices[name].type != "cpu" else lin)
+        current = getattr(parent, attr)
+        qw = getattr(current, "qweight", None)
+        device = qw.device if isinstance(qw, torch.Tensor) else st.devices[name]  # follows a later .to(device)
+        setattr(parent, attr, lin.to(device) if lin.weight.device != device else lin)
     delattr(module, STATE_ATTR)
     return True

@@ -82,6 +82,9 @@ def save_quantized(module: nn.Module, path: str | os.PathLike) -> None:
         "config": json.dumps(st.config.to_dict()),
         "layers": json.dumps(layers),
         "kept": json.dumps(st.report.kept),
+        "quantized": json.dumps(st.report.quantized),
+        "precision": json.dumps(st.report.precision),
+        "calibrated": json.dumps(st.report.calibrated),
         "errors": json.dumps(st.report.errors),
         "aliases": json.dumps(aliases),
         "model_class": type(module).__name__,
@@ -171,8 +174,10 @@ def load_quantized(module: nn.Module, path: str | os.PathLike) -> QuantReport:
     bad = [k for k in missing_keys if not any(k.startswith(n + ".") for n in layers)]
     if bad or unexpected:  # pragma: no cover - guarded by the key check above
         raise QuantFileError(f"{where}: state dict mismatch, missing {bad[:5]}, unexpected {unexpected[:5]}")
-    report = QuantReport(method=config.method, quantized=list(layers), kept=json.loads(meta["kept"]),
-                         errors=json.loads(meta["errors"]), calibrated=True)
+    report = QuantReport(method=config.method, quantized=json.loads(meta.get("quantized", "null")) or list(layers),
+                         kept=json.loads(meta["kept"]), errors=json.loads(meta["errors"]),
+                         calibrated=bool(json.loads(meta.get("calibrated", "true"))),
+                         precision=json.loads(meta.get("precision", "{}")))
     report.memory_after = weight_memory(module)
     setattr(module, STATE_ATTR, QuantState(config, report, originals, devices))
     return report

@@ -37,6 +37,8 @@ class W8A8Config(QuantConfig):
             per layer) or "dynamic" (per-token scales everywhere).
         fallback_ratio: a layer uses dynamic per-token scales when its static calibration error is more
             than this many times the dynamic one (>= 1).
+        keep_precision: kept layers become int8 weight-only (float activations) by default; "float" leaves
+            them as they are.
         (plus the shared fields of :class:`~hasten.quant.base.QuantConfig`)
     """
 
@@ -46,6 +48,7 @@ class W8A8Config(QuantConfig):
     smooth_alpha: float | None = 0.5
     activation: str = "static"
     fallback_ratio: float = 1.5
+    keep_precision: str = "int8"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,7 +94,7 @@ class W8A8Config(QuantConfig):
         if "static" in best and best["static"][0] <= self.fallback_ratio * best["dynamic"][0]:
             chosen = best["static"][1]
         if bias is not None:
-            chosen.register_buffer("bias", bias.detach().clone())
+            chosen.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return chosen
 
 

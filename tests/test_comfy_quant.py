@@ -46,7 +46,9 @@ def test_quantized_sampling_close_and_original_restored(comfy, wan, method, grou
     assert rep.method == method and len(rep.quantized) > 10
     assert any(k.startswith("time_embedding") and v.startswith("rule") for k, v in rep.kept.items())
     assert any(k.startswith("time_projection") and v.startswith("rule") for k, v in rep.kept.items())
-    assert {k for k in patched.object_patches} == {f"diffusion_model.{n}" for n in rep.quantized}
+    # quantized layers plus, for int4 / W8A8, the kept layers stored as int8 weight-only
+    assert {k for k in patched.object_patches} == {f"diffusion_model.{n}" for n in [*rep.quantized, *rep.precision]}
+    assert bool(rep.precision) == (method != "int8_weight_only")
     seen: list[str] = []
     name = rep.quantized[0]
     layer = patched.object_patches[f"diffusion_model.{name}"]

@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hasten.kernels.adaspa import AdaSpa, AdaSpaConfig, block_coverage, dense_blocks, search_pattern
-from hasten.kernels.block_sparse import block_sparse_reference
+from hasten.kernels.adaspa import (
+    AdaSpa,
+    AdaSpaConfig,
+    block_coverage,
+    dense_blocks,
+    pooled_block_mass,
+    search_pattern,
+    select_blocks,
+)
+from hasten.kernels.block_sparse import BlockSparsePattern, block_sparse_reference
 from hasten.kernels.flash_attention import attention_reference
 
 BS = 16
@@ -44,6 +52,24 @@ def test_pattern_covers_target_mass_and_adapts_per_head(target):
     per_head = pattern.kv_num_blocks.float().mean(-1)[0]
     assert pattern.density() < 0.9
     assert per_head[0] > per_head[2]  # the flatter head keeps more blocks (head-adaptive)
+
+
+def test_exact_refinement_fixes_coarse_misses():
+    """Unstructured, peaky attention: the pooled estimate alone misses the target; the LSE check fixes it."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 128, 16, generator=g) * 3 for _ in range(3))
+    _, lse = attention_reference(q, k, v)
+    coarse = select_blocks(pooled_block_mass(q, k, BS, 0.25), torch.full((1, 2, 8), 0.8))
+    _, lse_coarse = block_sparse_reference(q, k, v, BlockSparsePattern.from_block_mask(coarse, BS, 128, 128))
+    assert (block_coverage(lse_coarse, lse, BS) < 0.8).any()  # the coarse level alone falls short
+    densities = []
+    for rounds in (0, 1, 3):
+        cfg = AdaSpaConfig(target_mass=0.8, block_size=BS, max_refine_rounds=rounds, backend="torch")
+        pattern, coverage = search_pattern(q, k, v, lse, cfg)
+        assert (coverage >= 0.8 - 1e-4).all()
+        assert (_exact_block_mass(q, k, pattern) >= 0.8 - 1e-4).all()
+        densities.append(pattern.density())
+    assert densities[2] <= densities[0] < 1.0  # refining is cheaper than making short rows dense
 
 
 def test_ragged_sequence_pattern_is_valid():

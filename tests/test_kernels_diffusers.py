@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchmetrics  # noqa: F401  (imported before the ComfyUI tests install their torchvision stand-in)
 
 from hasten import UnsupportedModelError
 from hasten.pipelines import (
@@ -182,3 +183,14 @@ def test_hunyuan_video_with_text_padding_mask():
     m = torch.tensor([[True, True, False], [True, True, True]]).view(2, 1, 1, 3)
     assert suffix_padding_lengths(m, 2, 3).tolist() == [2, 3]
     assert suffix_padding_lengths(torch.tensor([[True, False, True]]), 1, 3) is None  # not padding: dense
+
+
+def test_bench_kernels_end_to_end_report(capsys):
+    from hasten.cli import main
+
+    assert main(["bench-kernels", "--e2e", "tiny-wan", "--e2e-size", "128", "--e2e-steps", "4",
+                 "--warmup-steps", "1", "--block-size", "16", "--target-mass", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "PSNR vs dense" in out and "attention rel. error" in out
+    # 4 layers x 2 branches (Wan runs cond and uncond as separate calls): 1 dense, 1 search, 2 sparse steps
+    assert "16 sparse, 8 search, 8 dense calls" in out

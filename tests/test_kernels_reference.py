@@ -80,3 +80,17 @@ def test_reference_key_padding_lengths():
     out_s, _ = block_sparse_reference(q, k, v, pattern, kv_lens=kv_lens)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=pattern.token_mask() & tok)
     assert (out_s - ref).abs().max() <= 1e-5
+
+
+def test_bench_kernels_rows_and_cli(capsys):
+    from hasten.cli import main
+    from hasten.kernels.bench import bench, random_pattern
+
+    p = random_pattern(1, 2, 128, 16, 0.75, "cpu")
+    assert p.density() == 0.25 and p.block_mask()[..., torch.arange(8), torch.arange(8)].all()
+    rows = bench([64], 1, 1, 16, torch.float32, 16, [0.0, 0.5, 0.75], 1, "cpu")
+    assert [round(sp["density"], 2) for sp in rows[0]["sparse"].values()] == [1.0, 0.5, 0.25]
+    assert rows[0]["backend"] == "torch" and rows[0]["sdpa_tflops"] > 0
+    assert main(["bench-kernels", "--seq-lens", "64", "--heads", "1", "--head-dim", "16", "--block-size", "16",
+                 "--repeats", "1", "--sparsities", "0.5"]) == 0
+    assert "sparsity 0.50 (density 0.50)" in capsys.readouterr().out

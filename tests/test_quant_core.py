@@ -128,10 +128,17 @@ def test_sensitive_layer_selection_picks_planted_layer():
         w = model[4].weight
         w[torch.arange(D), torch.randint(0, D, (D,))] = 3.0
     x = inputs()
-    rep = quantize_(model, Int4WeightOnlyConfig(group_size=128, keep_budget=1), calibration=lambda: model(x))
+    calib = calibrate(model, lambda: model(x))
+    rep = quantize_(model, Int4WeightOnlyConfig(group_size=128, keep_budget=1, keep_precision="float"),
+                    calibration=calib)
     assert list(rep.kept) == ["4"] and rep.kept["4"].startswith("sensitive")
     assert isinstance(model[4], nn.Linear) and "4" not in rep.quantized and len(rep.quantized) == 4
     assert "kept 4: sensitive" in rep.summary()
+    dequantize_(model)
+    # default mixed precision: the kept layer is stored as int8 weight-only instead of float
+    rep = quantize_(model, Int4WeightOnlyConfig(group_size=128, keep_budget=1), calibration=calib)
+    assert list(rep.kept) == ["4"] and rep.precision == {"4": "int8_weight_only"}
+    assert isinstance(model[4], Int8WeightOnlyLinear) and isinstance(model[0], Int4WeightOnlyLinear)
 
 
 def test_timestep_and_modulation_layers_kept_by_rule():
@@ -273,6 +280,10 @@ def test_config_validation_and_unsupported_models():
         W8A8Config(activation="per-channel")
     with pytest.raises(ValueError, match="keep_budget"):
         Int8WeightOnlyConfig(keep_budget=-1)
+    with pytest.raises(ValueError, match="keep_precision must be 'float' or 'int8'"):
+        W8A8Config(keep_precision="fp8")
+    with pytest.raises(ValueError, match="keep_precision must be 'float'"):
+        Int8WeightOnlyConfig(keep_precision="int8")
     with pytest.raises(ValueError, match="regex"):
         Int8WeightOnlyConfig(keep_patterns=("(",))
     with pytest.raises(UnsupportedModelError, match="no nn.Linear"):
@@ -293,3 +304,22 @@ def test_root_exports_and_half_precision():
     assert y.dtype == torch.bfloat16 and rel(y.float(), ref.float()) < 0.02
     dequantize_(model)
     assert torch.equal(model(x), ref)
+
+
+def test_near_lossless_methods_keep_nothing_for_sensitivity():
+    model = mlp(layers=5)
+    x = inputs()
+    rep = quantize_(model, Int8WeightOnlyConfig(keep_budget=2), calibration=lambda: model(x))
+    assert rep.kept == {} and len(rep.quantized) == 5
+    assert max(rep.errors.values()) < Int8WeightOnlyConfig().keep_min_error
+    dequantize_(model)
+    rep = quantize_(model, Int8WeightOnlyConfig(keep_budget=2, keep_min_error=0.0), calibration=lambda: model(x))
+    assert len(rep.kept) == 2 and len(rep.quantized) == 3
+
+
+def test_gemm_timing_helper_rows():
+    from hasten.kernels.quant_gemm import time_quant_gemm
+
+    rows = time_quant_gemm(((16, 64, 32),), device="cpu", dtype=torch.float32, repeats=1, group_size=32)
+    assert [r["kernel"] for r in rows] == ["int8_weight_only", "int4_weight_only", "w8a8_gemm"]
+    assert all(r["ms"] > 0 and r["baseline_ms"] > 0 and r["shape"] == "16x64x32" for r in rows)

@@ -18,6 +18,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*"),  # gradio's pandas use
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing (apt-get install -y chromium)"),
 ]
 gr = pytest.importorskip("gradio")
@@ -25,6 +26,7 @@ playwright_sync = pytest.importorskip("playwright.sync_api")
 
 from web_tiny import tiny_handle  # noqa: E402
 
+from hasten import metrics  # noqa: E402
 from hasten.web import compare  # noqa: E402
 from hasten.web.app import build_app  # noqa: E402
 
@@ -34,6 +36,9 @@ class _ReadsThree:
 
     def predict(self, images):
         return torch.full((len(images),), 3)
+
+    def features(self, images):
+        return metrics._digit_features(images)[:, ::16]
 
 
 def _free_port() -> int:
@@ -46,6 +51,7 @@ def _free_port() -> int:
 def app_url():
     mp = pytest.MonkeyPatch()
     mp.setattr(compare, "digit_classifier", lambda: _ReadsThree())
+    mp.setattr(metrics, "digit_classifier", lambda: _ReadsThree())
     handles = {}
     loads = []
 
@@ -84,15 +90,17 @@ def _artifact_dir(tmp_path_factory) -> Path:
 
 
 def _table(page) -> list[list[str]]:
-    rows = page.locator("#metrics tbody tr")
-    return [[c.strip() for c in rows.nth(i).locator("td").all_inner_texts()] for i in range(rows.count())]
+    """The metrics table's body rows (gradio's Dataframe is a virtual table of div rows)."""
+    return page.evaluate("""() => Array.from(document.querySelectorAll('#metrics div[role=row]'))
+        .map(r => Array.from(r.children).map(c => c.innerText.trim()))""")
 
 
 def _wait_results(page, n_rows: int, timeout: float = 60_000) -> list[list[str]]:
     page.locator("#images img").nth(n_rows - 1).wait_for(state="visible", timeout=timeout)
     page.wait_for_function(
-        "n => document.querySelectorAll('#metrics tbody tr').length >= n && "
-        "document.querySelector('#metrics tbody').innerText.includes('baseline')", arg=n_rows, timeout=timeout)
+        "n => document.querySelectorAll('#metrics div[role=row]').length >= n && "
+        "document.querySelector('#metrics div[role=row]').innerText.includes('baseline')", arg=n_rows,
+        timeout=timeout)
     return _table(page)
 
 
@@ -173,6 +181,7 @@ def test_two_users_at_once(app_url, browser):
         _set_slider(page, "steps", 10)
         page.locator("#seed input").fill(str(seed))
         _set_slider(page, "cfg-A-easycache-threshold", threshold)
+        page.locator("#cfg-B").get_by_text("configuration B").click()  # open the accordion
         page.locator("#cfg-B-easycache input[type=checkbox]").uncheck()
         pages.append(page)
     t0 = time.perf_counter()
@@ -208,3 +217,22 @@ def _shown_pixels(page, index: int) -> torch.Tensor:
     img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     k = img.shape[0] // 16
     return torch.from_numpy(img[k // 2::k, k // 2::k].copy())
+
+
+def test_sweep_tab(app_url, browser, tmp_path_factory):
+    url, handles, _ = app_url
+    page = browser.new_page(viewport={"width": 1300, "height": 1200})
+    page.goto(url)
+    page.locator("#model-status").get_by_text("loaded").wait_for(timeout=30_000)
+    _set_slider(page, "steps", 10)
+    page.get_by_role("tab", name="Sweep").click()
+    page.locator("#thresholds textarea, #thresholds input").first.fill("0.1, 0.5")
+    page.locator("#run-sweep").click()
+    page.wait_for_function("() => (document.querySelector('#sweep-table')?.innerText || '').includes('fwd/img')",
+                           timeout=60_000)
+    text = page.locator("#sweep-table").inner_text()
+    assert "baseline" in text and "hasten-easycache@0.1" in text and "1.00x" in text and "10%" in text
+    assert page.locator("#pareto img, #pareto svg").count() >= 1
+    page.screenshot(path=str(_artifact_dir(tmp_path_factory) / "web_sweep.png"), full_page=True)
+    assert getattr(handles["embedded"].pipe, "_hasten_features", {}) == {}
+    page.close()

@@ -99,8 +99,8 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
                         prompt = gr.Textbox(label="prompt", visible=False, lines=2, elem_id="prompt")
                         negative = gr.Textbox(label="negative prompt", value="", elem_id="negative")
                         with gr.Row():
-                            seed = gr.Number(value=0, precision=0, label="seed", minimum=SEED_RANGE[0],
-                                             maximum=SEED_RANGE[1], elem_id="seed")
+                            seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed",
+                                             info=f"{SEED_RANGE[0]}..{SEED_RANGE[1]}")
                             steps = gr.Slider(*STEPS_RANGE, value=20, step=1, label="steps", elem_id="steps")
                         guidance = gr.Slider(*GUIDANCE_RANGE, value=4.0, step=0.5, label="guidance scale (CFG)",
                                              elem_id="guidance")
@@ -119,6 +119,9 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
                                              for c in spec.controls}
                                     fams.append((spec, on, comps))
                             slots.append((slot, fams))
+                        timing = gr.Slider(1, 10, value=3, step=1, label="timing repeats",
+                                           info="interleaved runs per configuration; the median time is shown",
+                                           elem_id="timing-repeats")
                         run_btn = gr.Button("Run comparison", variant="primary", elem_id="run")
                     with gr.Column(scale=2):
                         gallery = gr.Gallery(label="same seed: baseline and accelerated", columns=4, height="auto",
@@ -128,7 +131,8 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
                         notes = gr.Markdown(elem_id="notes")
                         with gr.Row():
                             pair = gr.Dropdown([], label="before/after slider: baseline vs.", elem_id="pair")
-                        slider = gr.ImageSlider(label="baseline | accelerated", type="pil", format="png", elem_id="slider")
+                        slider = gr.ImageSlider(label="baseline | accelerated", type="pil", format="png", max_height=320,
+                                              elem_id="slider")
                         timeline = gr.Plot(label="per-step timeline", elem_id="timeline")
                         shown = gr.State({})
             with gr.Tab("Sweep", id="sweep"):
@@ -164,7 +168,8 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
             except ModelLoadError as exc:
                 gr.Warning(str(exc))
                 return {model_status: f"**could not load** `{name}`: {exc}"}
-            what = "digits 0-9 at 32 px" if h.digits else f"free prompt, default {h.default_size} px"
+            what = (f"digits 0-9 at {h.default_size} px" if h.digits
+                    else f"free prompt, default {h.default_size} px")
             return {
                 model_status: f"loaded `{h.name}` ({type(h.pipe).__name__}; {what})",
                 digit: gr.update(visible=h.digits),
@@ -176,8 +181,8 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
             }
 
         load_outputs = [model_status, digit, prompt, size, steps, guidance]
-        load_btn.click(on_load, model, load_outputs, concurrency_id="pipeline", api_name="load")
-        demo.load(on_load, model, load_outputs, concurrency_id="pipeline", api_visibility="private")
+        load_btn.click(on_load, model, load_outputs, concurrency_limit=4, api_name="load")  # ModelCache locks
+        demo.load(on_load, model, load_outputs, concurrency_limit=4, api_visibility="private")
 
         def on_compare(data: dict, progress=gr.Progress()):  # noqa: B008 - gradio's progress injection
             try:
@@ -191,7 +196,8 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
                         configs.append(cfg)
                 if not configs:
                     gr.Warning("no acceleration is switched on in configurations A-C: showing the baseline only")
-                comp = run_comparison(handle, req, configs, on_progress=lambda f, d: progress(f, desc=d))
+                comp = run_comparison(handle, req, configs, on_progress=lambda f, d: progress(f, desc=d),
+                                      repeats=int(data[timing] or 1))
             except (ValueError, ModelLoadError, OutOfMemory) as exc:
                 raise gr.Error(str(exc)) from exc
             return render(comp)
@@ -209,7 +215,8 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
             req = comp.request
             what = f"digit {req.digit}" if req.digit is not None else f"“{req.prompt}”"
             note = (f"{comp.model}: {what}, seed {req.seed}, {req.steps} steps, CFG {req.guidance:g}"
-                    + (f", {req.size} px" if req.size else "") + ". Speed-up = baseline wall time / this one's; "
+                    + (f", {req.size} px" if req.size else "") + ". Speed-up = baseline wall time / this one's "
+                    "(median of the interleaved repeats); "
                     "forwards count cond + uncond passes through every transformer block.")
             return {
                 gallery: [(pics[r.name], caption[r.name]) for r in ok],
@@ -221,7 +228,7 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
                 shown: pics,
             }
 
-        run_btn.click(on_compare, gen_inputs | cfg_inputs, [gallery, table, notes, timeline, pair, slider, shown],
+        run_btn.click(on_compare, gen_inputs | cfg_inputs | {timing}, [gallery, table, notes, timeline, pair, slider, shown],
                       concurrency_id="pipeline", api_name="compare")
 
         def on_pair(name: str | None, pics: dict):

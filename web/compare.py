@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -60,7 +61,8 @@ GenerateFn = Callable[[Any, GenerationRequest, list[str], StepCallback | None], 
 
 def _check_range(name: str, value: float, lo: float, hi: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi):
-        raise ValueError(f"{name} must be in [{lo:g}, {hi:g}], got {value}")
+        raise ValueError(f"{name} must be in [{lo:{'d' if isinstance(lo, int) else 'g'}}, "
+                         f"{hi:{'d' if isinstance(hi, int) else 'g'}}], got {value}")
 
 
 @dataclass
@@ -105,6 +107,8 @@ class ModelHandle:
     def generate(self, request: GenerationRequest, prompts: list[str] | None = None,
                  on_step: StepCallback | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1]; item ``i`` of ``prompts`` uses seed ``request.seed + i``."""
+        if request.size is None and self.default_size is not None:
+            request = replace(request, size=self.default_size)
         return self.generate_fn(self.pipe, request, prompts or self.prompts(request), on_step)
 
 
@@ -285,18 +289,22 @@ def _oom(request: GenerationRequest) -> OutOfMemory:
 
 
 def run_comparison(handle: ModelHandle, request: GenerationRequest, configs: Sequence[Variant],
-                   on_progress: Progress | None = None) -> Comparison:
+                   on_progress: Progress | None = None, repeats: int = 1) -> Comparison:
     """Generate the baseline and each config on the same seed; every config is removed again afterwards.
 
-    A config that fails (unsupported model, bad setting) gets its error in its row; the others still run.
-    Out of memory raises :class:`OutOfMemory`; invalid input raises ValueError.
+    With ``repeats`` > 1 the runs are interleaved (base A B base A B ...) and the median wall time is shown;
+    images, forwards and timelines come from the first round. A config that fails (unsupported model, bad
+    setting) gets its error in its row; the others still run. Out of memory raises :class:`OutOfMemory`;
+    invalid input raises ValueError.
     """
     request = handle.validate(request)
     if len(configs) > MAX_CONFIGS:
         raise ValueError(f"at most {MAX_CONFIGS} accelerated configurations, got {len(configs)}")
+    _check_range("timing repeats", repeats, 1, 10)
     variants = [baseline(), *configs]
-    total = len(variants) * request.steps
-    runs: list[RunResult] = []
+    total = int(repeats) * len(variants) * request.steps
+    runs = [RunResult(v.name, error=v.unavailable) for v in variants]
+    times: list[list[float]] = [[] for _ in variants]
     with handle.lock:
         pipe = handle.pipe
         den = _denoiser(pipe)
@@ -306,42 +314,41 @@ def run_comparison(handle: ModelHandle, request: GenerationRequest, configs: Seq
                     on_progress(0.0, "warming up the model")
                 handle.generate(replace(request, steps=min(2, request.steps)))
                 handle.warm = True
-            counter = ForwardCounter(den) if den is not None else None
         except Exception as exc:
             if _is_oom(exc):
                 raise _oom(request) from exc
             raise
+        counter = ForwardCounter(den) if den is not None else None
         try:
-            for k, v in enumerate(variants):
-                res = RunResult(v.name, error=v.unavailable)
-                runs.append(res)
-                if v.unavailable:
-                    continue
+            for rep in range(int(repeats)):
+                for k, (v, res) in enumerate(zip(variants, runs)):
+                    if res.error:
+                        continue
+                    done = (rep * len(variants) + k) * request.steps
+                    tag = f" (repeat {rep + 1}/{repeats})" if repeats > 1 else ""
 
-                def on_step(step: int, k: int = k, name: str = v.name) -> None:
-                    if on_progress:
-                        on_progress((k * request.steps + step + 1) / total, f"{name}: step {step + 1}/{request.steps}")
+                    def on_step(step: int, done: int = done, name: str = v.name, tag: str = tag) -> None:
+                        if on_progress:
+                            on_progress((done + step + 1) / total, f"{name}: step {step + 1}/{request.steps}{tag}")
 
-                applied = False
-                try:
-                    v.apply(pipe)
-                    applied = True
-                    if counter is not None:
-                        counter.take()
-                    t0 = time.perf_counter()
-                    img = handle.generate(request, on_step=on_step)
-                    res.seconds = time.perf_counter() - t0
-                    res.image = img[0]
-                    res.forwards = counter.take() if counter is not None else None
-                    res.timeline = _timeline(pipe)
-                except Exception as exc:  # noqa: BLE001 - one config failing must not sink the others
-                    if _is_oom(exc):
-                        raise _oom(request) from exc
-                    if k == 0:
-                        raise
-                    res.error = f"{type(exc).__name__}: {exc}"
-                finally:
-                    if applied or k > 0:
+                    try:
+                        v.apply(pipe)
+                        if counter is not None:
+                            counter.take()
+                        t0 = time.perf_counter()
+                        img = handle.generate(request, on_step=on_step)
+                        times[k].append(time.perf_counter() - t0)
+                        if rep == 0:
+                            res.image = img[0]
+                            res.forwards = counter.take() if counter is not None else None
+                            res.timeline = _timeline(pipe)
+                    except Exception as exc:  # noqa: BLE001 - one config failing must not sink the others
+                        if _is_oom(exc):
+                            raise _oom(request) from exc
+                        if k == 0:
+                            raise
+                        res.error = f"{type(exc).__name__}: {exc}"
+                    finally:
                         try:
                             v.remove(pipe)
                         except Exception as exc:  # noqa: BLE001
@@ -349,6 +356,8 @@ def run_comparison(handle: ModelHandle, request: GenerationRequest, configs: Seq
         finally:
             if counter is not None:
                 counter.remove()
+    for res, ts in zip(runs, times):
+        res.seconds = statistics.median(ts) if ts and res.image is not None else None
     _score(handle, request, runs)
     return Comparison(handle.name, request, runs)
 
@@ -437,8 +446,7 @@ def timeline_figure(comparison: Comparison):
             grid.append(row)
     data = torch.tensor(grid).numpy()
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.3))
-    cmap = ListedColormap(["#f4c7a1", "#d9d9d9", "#2e7d32"])
-    cmap.set_bad("white")
+    cmap = ListedColormap(["#f4c7a1", "#d9d9d9", "#2e7d32"]).with_extremes(bad="white")
     ax.imshow(data, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.set_xticks(range(steps), [str(i + 1) for i in range(steps)], fontsize=7)
@@ -447,9 +455,9 @@ def timeline_figure(comparison: Comparison):
     ax.grid(which="minor", color="white", lw=1.5)
     ax.tick_params(which="minor", length=0)
     ax.set_xlabel("denoising step")
-    ax.set_title("which steps ran the denoiser (per branch)", fontsize=10)
+    ax.set_title("which steps ran the denoiser (per branch)", fontsize=10, loc="left")
     ax.legend(handles=[Patch(color="#2e7d32", label="computed"), Patch(color="#f4c7a1", label="reused (cached)")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(labels) < 4 else -0.12), ncol=2, fontsize=8)
+              loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 

@@ -3,6 +3,16 @@
 The app draws every registered panel once per accelerated configuration; a family that is not built has
 no panel. Adding a family is one :func:`register_panel` call (controls + a ``build(values) -> Variant``).
 Nothing here imports gradio, so the panels are testable (and reusable by other front ends) without a UI.
+
+A new family's panel, e.g.::
+
+    register_panel(PanelSpec(
+        family="guidance", title="Adaptive guidance",
+        controls=(Control("threshold", "cosine threshold", default=0.993, minimum=0.9, maximum=1.0, step=0.001),),
+        build=lambda threshold: Variant(f"hasten-ag@{threshold:g}", "hasten",
+                                        lambda p: p.enable_adaptive_guidance(threshold=threshold),
+                                        lambda p: p.disable_adaptive_guidance(), {"threshold": threshold}),
+    ))
 """
 
 from __future__ import annotations

@@ -1,0 +1,308 @@
+"""The demo's comparison logic without a browser, on a tiny random Wan pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import threading
+
+import pytest
+import torch
+from web_tiny import tiny_handle
+
+from hasten import metrics
+from hasten.bench.variants import Variant
+from hasten.errors import UnsupportedModelError
+from hasten.pipelines import features
+from hasten.web import compare
+from hasten.web.compare import (
+    GenerationRequest,
+    ModelCache,
+    ModelHandle,
+    ModelLoadError,
+    OutOfMemory,
+    display_image,
+    load_model,
+    metrics_table,
+    parse_thresholds,
+    run_comparison,
+    run_sweep,
+    sweep_figure,
+    timeline_figure,
+)
+from hasten.web.panels import PANELS, Control, compose, configuration
+
+REQ = GenerationRequest(digit=3, seed=1, steps=10, guidance=4.0)
+
+
+class _ReadsThree:
+    """Stands in for the digit classifier (fitting the real one takes 10-30 s): reads every image as a 3."""
+
+    def predict(self, images):
+        return torch.full((len(images),), 3)
+
+    def features(self, images):
+        return metrics._digit_features(images)[:, ::16]
+
+
+@pytest.fixture(autouse=True)
+def _stub_classifier(monkeypatch):
+    monkeypatch.setattr(compare, "digit_classifier", lambda: _ReadsThree())
+    monkeypatch.setattr(metrics, "digit_classifier", lambda: _ReadsThree())
+
+
+@pytest.fixture(scope="module")
+def handle() -> ModelHandle:
+    return tiny_handle()
+
+
+def _ec(slot: str, threshold: float) -> Variant:
+    return configuration(slot, {"easycache": {"threshold": threshold}})
+
+
+def _restored(h: ModelHandle) -> bool:
+    return features(h.pipe) == {} and h.pipe.transformer.forward.__name__ != "new_forward"
+
+
+def test_comparison_figures(handle):
+    progress = []
+    comp = run_comparison(handle, REQ, [_ec("A", 0.0), _ec("B", 0.5)], on_progress=lambda f, d: progress.append(f))
+    base, off, fast = comp.runs
+    assert [r.name for r in comp.runs] == ["baseline", "A: easycache@0", "B: easycache@0.5"]
+    assert base.forwards == 20 and base.speedup == pytest.approx(1.0) and base.psnr is None
+    # threshold 0 is bit-identical to the baseline; the cache skipped forwards at 0.5
+    assert torch.equal(off.image, base.image) and off.forwards == 20 and math.isinf(off.psnr)
+    assert off.ssim == pytest.approx(1.0)
+    assert fast.forwards < 20 and math.isfinite(fast.psnr) and fast.psnr > 20 and 0 < fast.ssim <= 1
+    assert all(r.seconds > 0 and r.error is None for r in comp.runs)
+    # the timeline: one row per branch, computed decisions add up to the counted forwards
+    assert set(fast.timeline) == {"easycache/cond[0]", "easycache/uncond[0]"}
+    assert all(len(d) == 10 for d in fast.timeline.values())
+    assert sum(sum(d) for d in fast.timeline.values()) == fast.forwards
+    assert all(all(d) for d in off.timeline.values()) and base.timeline == {}
+    # the digit column, progress reaching the end, and nothing left on the pipeline
+    assert base.digit_read == 3 and base.digit_ok is True
+    assert progress[-1] == pytest.approx(1.0) and progress == sorted(progress)
+    assert _restored(handle)
+    # the baseline is what a plain generation of the same seed gives
+    assert torch.equal(base.image, handle.generate(REQ)[0])
+
+
+def test_interleaved_timing_repeats(handle):
+    calls = []
+    one = run_comparison(handle, REQ, [_ec("A", 0.5)])
+    three = run_comparison(handle, REQ, [_ec("A", 0.5)], repeats=3, on_progress=lambda f, d: calls.append(d))
+    assert sum("(repeat 3/3)" in d for d in calls) == 2 * REQ.steps  # baseline and A, third round
+    for a, b in zip(one.runs, three.runs):
+        assert torch.equal(a.image, b.image) and a.forwards == b.forwards and b.seconds > 0
+    with pytest.raises(ValueError, match=r"timing repeats must be in \[1, 10\]"):
+        run_comparison(handle, REQ, [], repeats=0)
+    assert _restored(handle)
+
+
+def test_table_timeline_and_display(handle):
+    comp = run_comparison(handle, REQ, [_ec("A", 0.0), _ec("B", 0.5)])
+    headers, rows = metrics_table(comp)
+    assert headers[-1] == "digit accuracy" and len(rows) == 3
+    assert rows[0][:4] == ["baseline", rows[0][1], "1.00x", "20"] and rows[1][4] == "inf (identical)"
+    assert rows[2][6] == "100% (reads 3)" and float(rows[2][4]) > 20
+    fig = timeline_figure(comp)
+    assert len(fig.axes[0].get_yticklabels()) == 1 + 2 + 2  # baseline + two branches per config
+    img = display_image(comp.baseline.image)
+    assert img.size == (256, 256)  # 16 px upscaled by whole pixels
+    px = torch.from_numpy(__import__("numpy").array(img))[::16, ::16]
+    assert torch.equal(px, (comp.baseline.image.permute(1, 2, 0) * 255).round().to(torch.uint8))
+
+
+def test_failing_config_is_isolated(handle):
+    def boom(pipe):
+        raise UnsupportedModelError("this family supports only X")
+
+    removed = []
+    bad = Variant("A: broken", "hasten", boom, lambda p: removed.append(1))
+    comp = run_comparison(handle, REQ, [bad, _ec("B", 0.5)])
+    assert comp.runs[1].error == "UnsupportedModelError: this family supports only X" and comp.runs[1].image is None
+    assert comp.runs[2].error is None and comp.runs[2].forwards < 20
+    assert removed == [1] and _restored(handle)  # removed even though apply failed
+    _, rows = metrics_table(comp)
+    assert rows[1][1].startswith("failed: UnsupportedModelError")
+
+
+def test_out_of_memory_is_reported(handle):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    h = ModelHandle("oom", handle.pipe, oom, digits=True, default_size=16, size_fixed=True, warm=True)
+    with pytest.raises(OutOfMemory, match="out of memory at 16 px, 10 steps: lower the size"):
+        run_comparison(h, REQ, [_ec("A", 0.3)])
+    assert _restored(h)
+
+
+def test_validation_messages(handle):
+    text = ModelHandle("text", handle.pipe, handle.generate_fn, default_size=512)
+    cases = [
+        (handle, GenerationRequest(digit=None), "pick a digit in 0..9"),
+        (handle, GenerationRequest(digit=12), "pick a digit in 0..9"),
+        (text, GenerationRequest(prompt="   "), "the prompt is empty"),
+        (handle, GenerationRequest(digit=1, steps=0), r"steps must be in \[1, 150\]"),
+        (handle, GenerationRequest(digit=1, guidance=-1), r"guidance scale must be in \[0, 30\]"),
+        (handle, GenerationRequest(digit=1, seed=-5), r"seed must be in \[0, 2147483647\], got -5"),
+        (text, GenerationRequest(prompt="a cat", size=8), r"size must be in \[64, 2048\]"),
+        (text, GenerationRequest(prompt="a cat", size=100), "multiple of 16"),
+    ]
+    for h, req, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            run_comparison(h, req, [])
+    with pytest.raises(ValueError, match="at most 3"):
+        run_comparison(handle, REQ, [_ec(s, 0.1) for s in "ABCD"])
+    ok = text.validate(GenerationRequest(prompt="a cat", size=None))
+    assert ok.size == 512  # the model's default size
+    assert handle.validate(GenerationRequest(digit=2, size=999)).size == 16  # fixed-size model ignores size
+
+
+def test_panels_registry():
+    spec = PANELS["easycache"]
+    assert spec.defaults(0)["threshold"] == 0.1 and spec.enabled_by_default(0) and not spec.enabled_by_default(2)
+    v = spec.variant({"threshold": 0.25})
+    assert v.settings["threshold"] == 0.25 and v.settings["max_consecutive_reuse"] == 4
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\], got 2"):
+        spec.variant({"threshold": 2})
+    with pytest.raises(ValueError, match="expected a number"):
+        spec.variant({"threshold": "x"})
+    assert configuration("A", {"easycache": None}) is None
+    with pytest.raises(ValueError, match="unknown acceleration family 'nope'; available: easycache"):
+        configuration("A", {"nope": {}})
+    assert Control("n", "n", "dropdown", "a", choices=("a", "b")).check("b") == "b"
+    assert Control("k", "k", default=4, minimum=0, maximum=9).check(3.0) == 3  # int default -> int
+
+
+def test_compose_removes_in_reverse_and_after_failed_apply():
+    log = []
+
+    def part(name, fail=False):
+        def apply(p):
+            if fail:
+                raise RuntimeError(name)
+            log.append(f"+{name}")
+
+        return Variant(name, "hasten", apply, lambda p: log.append(f"-{name}"))
+
+    both = compose("A", [part("x"), part("y")])
+    both.apply(None)
+    both.remove(None)
+    assert log == ["+x", "+y", "-y", "-x"]
+    log.clear()
+    broken = compose("B", [part("x"), part("y", fail=True)])
+    with pytest.raises(RuntimeError):
+        broken.apply(None)
+    assert log == ["+x", "-x"]
+
+
+def test_two_requests_at_once_match_serial(handle):
+    """Two threads on one pipeline (the per-pipeline lock): each result equals the same request run alone."""
+    jobs = [(GenerationRequest(digit=1, seed=5, steps=10), 0.0), (GenerationRequest(digit=7, seed=9, steps=10), 0.5)]
+    serial = [run_comparison(handle, r, [_ec("A", t)]) for r, t in jobs]
+    out: dict[int, compare.Comparison] = {}
+
+    def work(i):
+        r, t = jobs[i]
+        out[i] = run_comparison(handle, r, [_ec("A", t)])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for i in range(2):
+        for a, b in zip(out[i].runs, serial[i].runs):
+            assert torch.equal(a.image, b.image) and a.forwards == b.forwards and a.timeline == b.timeline
+    assert out[0].runs[1].forwards == 20 and out[1].runs[1].forwards < 20
+    assert _restored(handle)
+
+
+def test_sweep_uses_bench_runner(handle):
+    rows = run_sweep(handle, REQ, parse_thresholds("0.5, 0.1"), repeats=1)
+    assert [r.name for r in rows] == ["baseline", "hasten-easycache@0.1", "hasten-easycache@0.5"]
+    assert rows[0].forwards_per_image == 20 and rows[2].forwards_per_image < 20
+    assert rows[0].accuracy == pytest.approx(0.1)  # ten digits generated, the stub reads every one as a 3
+    assert all(r.speedup and r.error is None for r in rows) and rows[1].psnr is not None
+    assert all(math.isfinite(r.frechet) for r in rows)
+    fig = sweep_figure(rows, handle, REQ)
+    assert "EasyCache sweep" in fig.axes[0].get_title()
+    assert _restored(handle)
+    for bad, msg in (("", "between 1 and 8"), ("0.1, x", "numbers separated"), ("0, 0.2", "each threshold")):
+        with pytest.raises(ValueError, match=msg):
+            parse_thresholds(bad)
+
+
+def test_model_cache_and_loading_errors(tmp_path, handle):
+    calls = []
+
+    def factory(name):
+        calls.append(name)
+        if name == "tiny":
+            return handle
+        if name == "plain":
+            return handle.pipe  # a bare pipeline gets a generic diffusers handle
+        raise OSError("not found")
+
+    cache = ModelCache(factory)
+    assert cache.get("tiny") is cache.get("tiny") and calls == ["tiny"]
+    plain = cache.get("plain")
+    assert plain.pipe is handle.pipe and not plain.digits and plain.default_size % 16 == 0
+    with pytest.raises(ModelLoadError, match="could not load 'missing': OSError: not found"):
+        cache.get("missing")
+    with pytest.raises(ModelLoadError, match="no model_index.json"):
+        load_model(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="no model given"):
+        load_model(" ")
+
+
+def test_cli_arguments():
+    from hasten.web.app import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([])
+    assert args.host == "127.0.0.1" and args.share is False and args.model == "embedded"
+    assert p.parse_args(["--share", "--port", "9000"]).port == 9000
+
+
+def test_build_app_wires_events(handle):
+    pytest.importorskip("gradio")
+    from hasten.web.app import build_app
+
+    demo = build_app(lambda name: handle)
+    names = {d.get("api_name") for d in demo.config["dependencies"]}
+    assert {"compare", "sweep", "load"} <= names
+
+
+@pytest.mark.skipif(not (compare.Path(__file__).resolve().parents[1] / "embedded/weights/model_index.json").exists(),
+                    reason="embedded weights not trained yet (hasten train-embedded)")
+def test_embedded_model_end_to_end():
+    h = ModelCache().get("embedded")
+    comp = run_comparison(h, GenerationRequest(digit=4, seed=0, steps=6), [_ec("A", 0.0)])
+    assert comp.baseline.image.shape == (3, 32, 32) and torch.equal(comp.runs[1].image, comp.baseline.image)
+    assert comp.baseline.forwards == 12 and _restored(h)
+
+
+def test_prompted_path_on_untrained_embedded_architecture():
+    """``diffusers_generate`` through a real tokenizer + text encoder: the embedded model's architecture at
+    random init (the trained weights may not exist yet), with the embedded handle's digit prompts."""
+    from diffusers import WanPipeline
+
+    from hasten.embedded.train import build_components
+    from hasten.web.compare import embedded_handle
+
+    comp = build_components(argparse.Namespace(seed=0, heads=2, head_dim=16, ffn=32, layers=1))
+    pipe = WanPipeline(**comp)
+    pipe.set_progress_bar_config(disable=True)
+    h = embedded_handle(pipe)
+    steps = []
+    img = h.generate(GenerationRequest(digit=5, seed=2, steps=3), on_step=steps.append)
+    assert img.shape == (1, 3, 32, 32) and 0 <= img.min() and img.max() <= 1 and steps == [0, 1, 2]
+    cmp = run_comparison(h, GenerationRequest(digit=5, seed=2, steps=4), [_ec("A", 0.0)])
+    assert torch.equal(cmp.runs[1].image, cmp.baseline.image) and cmp.baseline.forwards == 8
+    assert torch.equal(cmp.baseline.image, h.generate(GenerationRequest(digit=5, seed=2, steps=4))[0])
+    two = h.generate(GenerationRequest(digit=5, seed=2, steps=4), prompts=["digit 5", "digit 1"])
+    assert torch.allclose(two[0], cmp.baseline.image, atol=1e-4)  # item i uses seed + i, whatever the batch
