@@ -61,6 +61,13 @@ def _install_torchvision_standin() -> None:
             mod.is_torchvision_available()
         except Exception:
             pass
+    # torchmetrics' image metrics import torchvision models at import time when it looks present: load them
+    # first, while it is truly absent.
+    try:
+        importlib.import_module("torchmetrics.functional.image")
+        importlib.import_module("torchmetrics.image")
+    except Exception:
+        pass
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         del sys.modules[name]
     tv = types.ModuleType("torchvision")

@@ -42,25 +42,28 @@ class BenchRow:
 class ForwardCounter:
     """Counts denoiser work as full-forward equivalents: rows through every transformer block / num blocks.
 
-    Counting at block level is fair to block caches (diffusers' FirstBlockCache still runs the first
-    block and the output layers) as well as to step caches (nothing runs).
+    Each block is counted at its first linear layer, which runs only when the block really computes: fair
+    to block caches (diffusers' FirstBlockCache replaces skipped blocks' forward, yet the block is still
+    *called*) as well as to step caches (nothing runs at all).
     """
 
     def __init__(self, denoiser: torch.nn.Module) -> None:
-        blocks = [m for n, m in denoiser.named_children() if isinstance(m, torch.nn.ModuleList) and "block" in n]
-        self.blocks = [b for lst in blocks for b in lst]
-        if not self.blocks:  # UNets: count rows through the output convolution
-            self.blocks = [denoiser.conv_out]
+        lists = [m for n, m in denoiser.named_children() if isinstance(m, torch.nn.ModuleList) and "block" in n]
+        probes = []
+        for block in (b for lst in lists for b in lst):
+            probes.append(next((m for m in block.modules() if isinstance(m, torch.nn.Linear)), block))
+        if not probes:  # UNets: count rows through the output convolution
+            probes = [denoiser.conv_out]
+        self.probes = probes
         self.rows = 0
-        self._handles = [b.register_forward_pre_hook(self._hook, with_kwargs=True) for b in self.blocks]
+        self._handles = [p.register_forward_pre_hook(self._hook) for p in probes]
 
-    def _hook(self, module, args, kwargs) -> None:
-        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-        self.rows += x.shape[0]
+    def _hook(self, module: torch.nn.Module, args: tuple) -> None:
+        self.rows += args[0].shape[0]
 
     def take(self) -> float:
         n, self.rows = self.rows, 0
-        return n / len(self.blocks)
+        return n / len(self.probes)
 
     def remove(self) -> None:
         for h in self._handles:

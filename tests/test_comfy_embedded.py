@@ -6,9 +6,6 @@ import pytest
 import torch
 
 import hasten
-from hasten.embedded import WEIGHTS_DIR
-
-pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="embedded weights missing")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +32,12 @@ def test_transformer_matches_diffusers(comfy, pack):
 def test_graph_generates_prompted_digits_and_hasten_easycache_skips(comfy, pack):
     """Loader -> prompts -> (EasyCache) -> KSampler -> decode, in the engine; digits read as prompted."""
     from hasten import metrics
-    from hasten.nodes.embedded import HastenDecodeDigits, HastenDigitPrompt, HastenEmptyDigitLatent, load_comfy_model
+    from hasten.nodes.embedded import (
+        HastenDecodeDigits,
+        HastenDigitPrompt,
+        HastenEmptyDigitLatent,
+        load_comfy_model,
+    )
 
     nodes = comfy.nodes
     model = load_comfy_model()
@@ -47,7 +49,8 @@ def test_graph_generates_prompted_digits_and_hasten_easycache_skips(comfy, pack)
     results = {}
     for name, m in {"base": model, "cached": easy.patch(model, reuse_threshold=0.2, start_percent=0.2, end_percent=1.0)[0]}.items():
         counter_rows = []
-        h = m.model.diffusion_model.head.register_forward_pre_hook(lambda mod, a: counter_rows.append(a[0].shape[0]))
+        h = m.model.diffusion_model.head.register_forward_pre_hook(
+            lambda mod, a, rows=counter_rows: rows.append(a[0].shape[0]))
         (out,) = nodes.KSampler().sample(m, 0, 20, 4.0, "euler", "simple", pos, neg, lat, denoise=1.0)
         h.remove()
         img = HastenDecodeDigits().decode(out)[0]

@@ -46,9 +46,11 @@ def test_generates_the_prompted_digits(pipe):
     assert 0.0 <= images.min() and images.max() <= 1.0
     acc = metrics.digit_accuracy(images, list(range(10)))
     assert acc["accuracy"] >= 0.8, acc
-    # same seed -> bit-identical baseline; image i does not depend on the rest of the batch
+    # same seed and batch -> bit-identical baseline; image i does not depend on the rest of the batch
+    # (up to float rounding: matmul blocking changes with the batch size)
     again = generate_digits(pipe, [0, 1, 2], seed=0)
-    assert torch.equal(again, images[:3])
+    assert torch.equal(again, generate_digits(pipe, [0, 1, 2], seed=0))
+    assert (again - images[:3]).abs().max() < 1e-3
 
 
 def test_metrics_against_a_baseline():

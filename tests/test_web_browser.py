@@ -57,8 +57,8 @@ def app_url():
 
     def factory(name):
         loads.append(name)
-        if name == "embedded":
-            handles[name] = tiny_handle("embedded", digits=True)
+        if name in ("embedded", "tiny-text"):
+            handles[name] = tiny_handle(name, digits=name == "embedded")
             return handles[name]
         raise FileNotFoundError(f"{name} does not exist")
 
@@ -162,11 +162,17 @@ def test_bad_input_and_bad_model_messages(app_url, browser):
     page.locator("#load").click()
     page.locator("#model-status").get_by_text("could not load").wait_for(timeout=20_000)
     assert "/nowhere/model" in loads
-    model.fill("embedded")
+    model.fill("tiny-text")  # a free-prompt model: the prompt box replaces the digit picker
     model.press("Enter")
+    page.locator("#load").click()
+    page.locator("#model-status").get_by_text("loaded tiny-text").wait_for(timeout=20_000)
+    assert page.locator("#prompt textarea").is_visible() and not page.locator("#digit").is_visible()
+    page.locator("#run").click()
+    page.get_by_text("the prompt is empty").first.wait_for(timeout=20_000)
+    page.locator("#prompt textarea").fill("a red fox")
     page.locator("#seed input").fill("-5")
     page.locator("#run").click()
-    page.get_by_text("seed must be in").first.wait_for(timeout=20_000)
+    page.get_by_text("seed must be in [0, 2147483647], got -5").first.wait_for(timeout=20_000)
     page.close()
 
 

@@ -12,6 +12,7 @@ from web_tiny import tiny_handle
 
 from hasten import metrics
 from hasten.bench.variants import Variant
+from hasten.embedded import WEIGHTS_DIR
 from hasten.errors import UnsupportedModelError
 from hasten.pipelines import features
 from hasten.web import compare
@@ -277,7 +278,7 @@ def test_build_app_wires_events(handle):
     assert {"compare", "sweep", "load"} <= names
 
 
-@pytest.mark.skipif(not (compare.Path(__file__).resolve().parents[1] / "embedded/weights/model_index.json").exists(),
+@pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(),
                     reason="embedded weights not trained yet (hasten train-embedded)")
 def test_embedded_model_end_to_end():
     h = ModelCache().get("embedded")
@@ -306,3 +307,19 @@ def test_prompted_path_on_untrained_embedded_architecture():
     assert torch.equal(cmp.baseline.image, h.generate(GenerationRequest(digit=5, seed=2, steps=4))[0])
     two = h.generate(GenerationRequest(digit=5, seed=2, steps=4), prompts=["digit 5", "digit 1"])
     assert torch.allclose(two[0], cmp.baseline.image, atol=1e-4)  # item i uses seed + i, whatever the batch
+
+
+def test_load_model_from_local_folder(tmp_path):
+    """A local diffusers folder loads through the generic path (free prompt, size from the config)."""
+    from diffusers import WanPipeline
+
+    from hasten.embedded.train import build_components
+
+    WanPipeline(**build_components(argparse.Namespace(seed=0, heads=2, head_dim=16, ffn=32, layers=1))).save_pretrained(
+        tmp_path / "pipe")
+    h = ModelCache().get(str(tmp_path / "pipe"))
+    assert not h.digits and not h.size_fixed and h.default_size % 16 == 0
+    comp = run_comparison(h, GenerationRequest(prompt="digit 3", seed=0, steps=3, size=64), [_ec("A", 0.5)])
+    assert comp.baseline.image.shape == (3, 64, 64) and comp.baseline.forwards == 6
+    headers, _ = metrics_table(comp)
+    assert "digit accuracy" not in headers  # only the embedded model is scored as digits

@@ -82,7 +82,7 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
 
     cache = ModelCache(pipeline_factory, device)
 
-    with gr.Blocks(title="hasten demo") as demo:
+    with gr.Blocks(title="hasten demo", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
         with gr.Tabs():
             with gr.Tab("Compare", id="compare"):
@@ -200,6 +200,8 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
                                       repeats=int(data[timing] or 1))
             except (ValueError, ModelLoadError, OutOfMemory) as exc:
                 raise gr.Error(str(exc)) from exc
+            except Exception as exc:  # noqa: BLE001 - a readable message instead of gradio's bare "Error"
+                raise gr.Error(f"generation failed: {type(exc).__name__}: {exc}") from exc
             return render(comp)
 
         def render(comp: Comparison) -> dict:
@@ -228,8 +230,9 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
                 shown: pics,
             }
 
-        run_btn.click(on_compare, gen_inputs | cfg_inputs | {timing}, [gallery, table, notes, timeline, pair, slider, shown],
-                      concurrency_id="pipeline", api_name="compare")
+        run_btn.click(on_compare, gen_inputs | cfg_inputs | {timing},
+                      [gallery, table, notes, timeline, pair, slider, shown], concurrency_id="pipeline",
+                      api_name="compare")
 
         def on_pair(name: str | None, pics: dict):
             if not name or name not in pics or "baseline" not in pics:
@@ -245,6 +248,8 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
                 rows = run_sweep(handle, req, ts, int(data[repeats]), on_progress=lambda f, d: progress(f, desc=d))
             except (ValueError, ModelLoadError, OutOfMemory) as exc:
                 raise gr.Error(str(exc)) from exc
+            except Exception as exc:  # noqa: BLE001 - a readable message instead of gradio's bare "Error"
+                raise gr.Error(f"generation failed: {type(exc).__name__}: {exc}") from exc
             from ..bench.report import table as bench_table
 
             return _close(sweep_figure(rows, handle, req)), bench_table(rows)

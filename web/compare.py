@@ -12,6 +12,7 @@ import math
 import statistics
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -191,8 +192,10 @@ def load_model(name: str, device: str = "cpu") -> ModelHandle:
         if local.exists() and not (local / "model_index.json").exists():
             raise ModelLoadError(f"{local} has no model_index.json: it is not a diffusers pipeline folder")
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-        pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else name, torch_dtype=dtype,
-                                                 local_files_only=local.exists())
+        with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; both accept torch_dtype
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else name, torch_dtype=dtype,
+                                                     local_files_only=local.exists())
         return diffusers_handle(name, pipe.to(device))
     except ModelLoadError:
         raise
@@ -358,6 +361,9 @@ def run_comparison(handle: ModelHandle, request: GenerationRequest, configs: Seq
                 counter.remove()
     for res, ts in zip(runs, times):
         res.seconds = statistics.median(ts) if ts and res.image is not None else None
+    if on_progress:
+        on_progress(1.0, "measuring quality (the first run also fits the digit classifier)" if handle.digits
+                    else "measuring quality")
     _score(handle, request, runs)
     return Comparison(handle.name, request, runs)
 
