@@ -15,6 +15,7 @@ COLUMNS = [
     ("median s", "median_s", "{:.3f}"),
     ("speed-up", "speedup", "{:.2f}x"),
     ("fwd/img", "forwards_per_image", "{:.1f}"),
+    ("weights", "weight_ratio", "{:.2f}x"),
     ("PSNR dB", "psnr", "{:.2f}"),
     ("SSIM", "ssim", "{:.4f}"),
     ("digit acc", "accuracy", "{:.0%}"),

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import metrics
+from ..quant import weight_memory
 from .variants import Variant
 
 Generate = Callable[[Any, int], torch.Tensor]  # (pipe, seed) -> images (B,3,H,W) in [0,1]
@@ -28,6 +29,7 @@ class BenchRow:
     median_s: float | None = None
     speedup: float | None = None
     forwards_per_image: float | None = None
+    weight_ratio: float | None = None  # denoiser weight bytes vs. the unquantized model in bf16
     psnr: float | None = None
     ssim: float | None = None
     accuracy: float | None = None
@@ -42,7 +44,8 @@ class BenchRow:
 class ForwardCounter:
     """Counts denoiser work as full-forward equivalents: rows through every transformer block / num blocks.
 
-    Each block is counted at its first linear layer, which runs only when the block really computes: fair
+    Each block is counted at its first child holding a linear layer (its attention), which runs only when the
+    block really computes and survives quantization (which swaps the linear layers themselves): fair
     to block caches (diffusers' FirstBlockCache replaces skipped blocks' forward, yet the block is still
     *called*) as well as to step caches (nothing runs at all).
     """
@@ -50,8 +53,9 @@ class ForwardCounter:
     def __init__(self, denoiser: torch.nn.Module) -> None:
         lists = [m for n, m in denoiser.named_children() if isinstance(m, torch.nn.ModuleList) and "block" in n]
         probes = []
-        for block in (b for lst in lists for b in lst):
-            probes.append(next((m for m in block.modules() if isinstance(m, torch.nn.Linear)), block))
+        for block in (b for lst in lists for b in lst):  # the first child holding a linear layer (attention)
+            probes.append(next((c for c in block.children()
+                                if any(isinstance(m, torch.nn.Linear) for m in c.modules())), block))
         if not probes:  # UNets: count rows through the output convolution
             probes = [denoiser.conv_out]
         self.probes = probes
@@ -116,6 +120,8 @@ def run_bench(
                     continue
                 try:
                     v.apply(pipe)
+                    if rep == 0:
+                        row.weight_ratio = weight_memory(_denoiser(pipe)).ratio
                     counter.take()
                     outs, elapsed = [], 0.0
                     for seed in seeds:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 Pipe = Any
 
 
@@ -55,23 +57,68 @@ def hasten_feature(name: str, feature: str, **settings: Any) -> Variant:
 
 
 def combo(name: str, *parts: Variant) -> Variant:
-    """Several variants on at once (composition), removed in reverse order."""
+    """Several variants on at once (composition): applied in order, removed in reverse order. Every part is
+    removed even if one removal fails; a failed apply removes what was already applied."""
+    applied: list[Variant] = []
 
     def apply(pipe: Pipe) -> None:
-        for v in parts:
-            v.apply(pipe)
+        applied.clear()
+        try:
+            for v in parts:
+                v.apply(pipe)
+                applied.append(v)
+        except Exception:
+            remove(pipe)
+            raise
 
     def remove(pipe: Pipe) -> None:
-        for v in reversed(parts):
-            v.remove(pipe)
+        errors = []
+        for v in reversed(applied or list(parts)):
+            try:
+                v.remove(pipe)
+            except Exception as exc:  # noqa: BLE001 - keep removing the others, re-raise the first
+                errors.append(exc)
+        applied.clear()
+        if errors:
+            raise errors[0]
 
     def prepare(pipe: Pipe, generate: Callable[[], Any]) -> None:
         for v in parts:
             if v.prepare is not None:
                 v.prepare(pipe, generate)
 
-    unavailable = next((v.unavailable for v in parts if v.unavailable), None)
-    return Variant(name, "hasten", apply, remove, {v.name: v.settings for v in parts}, unavailable, prepare)
+    unavailable = "; ".join(v.unavailable for v in parts if v.unavailable) or None
+    family = "hasten" if parts else "baseline"
+    return Variant(name, family, apply, remove, {v.name: v.settings for v in parts}, unavailable,
+                   prepare if any(v.prepare for v in parts) else None)
+
+
+def quantized(method: str, **settings: Any) -> Variant:
+    """hasten quantization of the denoiser (``int8``, ``int4`` or ``w8a8``), calibrated once on one real
+    generation of the bench's own prompts (outside the timed loop); the weights are restored on removal."""
+    from .. import quant
+
+    make = {"int8": quant.Int8WeightOnlyConfig, "int4": quant.Int4WeightOnlyConfig, "w8a8": quant.W8A8Config}[method]
+    calib: dict[str, Any] = {}
+    label = method + ("".join(f"-g{v}" for k, v in settings.items() if k == "group_size"))
+
+    def prepare(pipe: Pipe, generate: Callable[[], Any]) -> None:
+        if calib:
+            return
+        from ..pipelines.denoiser import find_denoisers
+        from ..quant.calibration import record_activations
+
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            getters = {comp: stack.enter_context(record_activations(mod, max_samples=256))
+                       for comp, mod in find_denoisers(pipe).items()}
+            generate()
+        calib.update({comp: get() for comp, get in getters.items()})
+
+    def apply(pipe: Pipe) -> None:
+        pipe.quantize(make(**settings), calibration=dict(calib) or None)
+
+    return Variant(f"hasten-quant-{label}", "hasten", apply, lambda p: p.dequantize(), {"method": method, **settings},
+                   prepare=prepare)
 
 
 def adaptive_guidance(threshold: float) -> Variant:
@@ -114,8 +161,10 @@ def diffusers_taylorseer(interval: int, warmup: int = 3) -> Variant:
 
     return _transformer_cache(
         f"diffusers-taylorseer@{interval}",
+        # diffusers' default patterns ("^blocks.*attn", full-match) match no module of Wan (attn1/attn2), so
+        # TaylorSeer silently does nothing there: name Wan's blocks explicitly for a fair comparison.
         lambda: TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=warmup,
-                                      taylor_factors_dtype=torch.float32),
+                                      taylor_factors_dtype=torch.float32, cache_identifiers=[r"^blocks\.\d+$"]),
         {"cache_interval": interval, "disable_cache_before_step": warmup},
     )
 
@@ -185,7 +234,9 @@ def preset(name: str, steps: int) -> list[Variant]:
             adaptive_guidance(0.991), adaptive_guidance(0.993), adaptive_guidance(0.996), cfg_truncation(0.5),
             bottleneck(0.5),
             sparse_attention(0.95),
+            quantized("int8"), quantized("int4", group_size=64), quantized("w8a8"),
             combo("hasten-easycache+ag", hasten_easycache(0.2), adaptive_guidance(0.993)),
+            combo("hasten-cachequant-int8", quantized("int8"), hasten_easycache(0.2)),
             combo("hasten-easycache+ag+bottleneck", hasten_easycache(0.2), adaptive_guidance(0.993), bottleneck(0.5)),
         ]
     if name in ("peers", "default"):

@@ -94,7 +94,7 @@ class StepCache(Protocol):
     def end_run(self) -> RunStats: ...
 
     def should_compute(self, key: BranchKey, x: torch.Tensor, step: int, num_steps: int | None,
-                       label: str | None = None) -> bool: ...
+                       label: str | None = None, group: Hashable | None = None) -> bool: ...
 
     def reuse(self, key: BranchKey, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -109,19 +109,22 @@ def run_cached(
     num_steps: int | None,
     compute: Callable[[list[int] | None], torch.Tensor],
     labels: Sequence[str] | None = None,
+    groups: Sequence[Hashable] | None = None,
 ) -> torch.Tensor:
     """Run one denoiser call through ``cache``: ask per row, compute only the rows that need it.
 
     ``x`` is the denoiser input with one row per entry of ``keys``; ``compute(rows)`` must return the
     denoiser output for those rows (``None`` = every row, in which case its output is returned
-    untouched, which keeps the all-compute path bit-identical to the uncached model).
+    untouched, which keeps the all-compute path bit-identical to the uncached model). ``groups`` names
+    the batch item of each row, so the branches of one item (cond/uncond) can decide together.
     """
     n = x.shape[0]
     if len(keys) != n or len(steps) != n:
         raise ValueError(f"run_cached: {len(keys)} keys / {len(steps)} steps for a batch of {n} rows")
     rows = [x[i : i + 1] for i in range(n)]
     decide = [
-        cache.should_compute(keys[i], rows[i], steps[i], num_steps, labels[i] if labels else None)
+        cache.should_compute(keys[i], rows[i], steps[i], num_steps, labels[i] if labels else None,
+                             groups[i] if groups else None)
         for i in range(n)
     ]
     todo = [i for i in range(n) if decide[i]]

@@ -10,13 +10,17 @@ Per branch, at each call t with input x_t:
 
 Warm-up steps and the final step(s) are always computed, and a cap bounds consecutive reuses. If the
 output does not have the input's shape (e.g. PixArt's learned-sigma channels) the cached output is
-reused as is. Nothing is shared between branches: conditional/unconditional passes and batch items
-each keep their own state.
+reused as is. No cached state is shared between branches: conditional/unconditional passes and batch
+items each keep their own. With ``sync_branches`` (default) the branches of one batch item *decide*
+together — compute when any of them needs to — because classifier-free guidance multiplies the
+mismatch between a fresh and a stale branch by the guidance scale (cond − uncond), while errors of
+branches reused at the same step largely cancel in that difference.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +39,7 @@ class EasyCacheConfig:
         end: fraction of the run after which caching stops (1.0 = until the final steps).
         final_steps: the last ``final_steps`` steps are always computed.
         max_consecutive_reuse: at most this many reuses in a row per branch (0 = no cap).
+        sync_branches: the cond/uncond branches of one batch item compute or reuse together.
     """
 
     threshold: float = 0.2
@@ -42,6 +47,7 @@ class EasyCacheConfig:
     end: float = 1.0
     final_steps: int = 1
     max_consecutive_reuse: int = 4
+    sync_branches: bool = True
 
     def __post_init__(self) -> None:
         if not (self.threshold >= 0 and math.isfinite(self.threshold)):
@@ -79,13 +85,15 @@ class EasyCache:
     def __init__(self, config: EasyCacheConfig | None = None) -> None:
         self.config = config or EasyCacheConfig()
         self._branches: dict[BranchKey, _Branch] = {}
+        self._members: dict[Hashable, list[BranchKey]] = {}  # batch item -> its branches
+        self._slots: dict[Hashable, tuple[int, bool, set]] = {}  # batch item -> (step, decision, asked)
         self._num_steps: int | None = None
         self.last_run: RunStats | None = None
 
     # -- run lifecycle -------------------------------------------------------------------------
     def begin_run(self, num_steps: int | None) -> None:
         """Forget all branch state; a new sampling run of ``num_steps`` steps starts."""
-        self._branches = {}
+        self._branches, self._members, self._slots = {}, {}, {}
         self._num_steps = num_steps
 
     def end_run(self) -> RunStats:
@@ -93,7 +101,7 @@ class EasyCache:
         stats = self.current_stats()
         if stats.calls:
             self.last_run = stats
-        self._branches = {}
+        self._branches, self._members, self._slots = {}, {}, {}
         return stats
 
     def current_stats(self) -> RunStats:
@@ -118,8 +126,25 @@ class EasyCache:
         stop = math.floor(cfg.end * num_steps)
         return step < warm or step >= stop or step >= num_steps - cfg.final_steps
 
+    def _wants_compute(self, b: _Branch, x: torch.Tensor, step: int, num_steps: int | None) -> tuple[bool, float]:
+        """This branch's own criterion (no state change): (compute?, accumulator if it reuses)."""
+        cfg = self.config
+        if (
+            cfg.threshold <= 0
+            or self._forced(step, num_steps)
+            or b.delta is None
+            or b.rate is None
+            or b.prev_x is None
+            or b.prev_x.shape != x.shape
+            or b.out_norm <= 0
+            or (cfg.max_consecutive_reuse and b.consecutive >= cfg.max_consecutive_reuse)
+        ):
+            return True, 0.0
+        accum = b.accum + b.rate * mean_abs(x - b.prev_x) / b.out_norm
+        return accum >= cfg.threshold, accum
+
     def should_compute(self, key: BranchKey, x: torch.Tensor, step: int, num_steps: int | None,
-                       label: str | None = None) -> bool:
+                       label: str | None = None, group: Hashable | None = None) -> bool:
         """True when the real forward must run for this branch at this call."""
         b = self._branches.get(key)
         if b is None:
@@ -128,25 +153,29 @@ class EasyCache:
                                        or b.prev_x.device != x.device):
             b.prev_x = b.last_x = b.last_out = b.delta = None  # new shape: old cache is meaningless
             b.rate, b.accum, b.consecutive = None, 0.0, 0
-        cfg = self.config
-        compute = True
-        if (
-            cfg.threshold > 0
-            and not self._forced(step, num_steps)
-            and b.delta is not None
-            and b.rate is not None
-            and b.prev_x is not None
-            and b.out_norm > 0
-            and (cfg.max_consecutive_reuse == 0 or b.consecutive < cfg.max_consecutive_reuse)
-        ):
-            b.accum += b.rate * mean_abs(x - b.prev_x) / b.out_norm
-            compute = b.accum >= cfg.threshold
-        if compute:
-            b.accum = 0.0
+        compute, accum = self._wants_compute(b, x, step, num_steps)
+        if group is not None and self.config.sync_branches:
+            compute = self._group_decision(group, key, x, step, num_steps, compute)
+        b.accum = 0.0 if compute else accum
         b.history.append(b.accum)
         b.stats.decisions.append(compute)
         b.prev_x = x.detach()
         return compute
+
+    def _group_decision(self, group: Hashable, key: BranchKey, x: torch.Tensor, step: int,
+                        num_steps: int | None, own: bool) -> bool:
+        """One decision per batch item and call: the first branch asked evaluates every known branch of
+        the item on this input (CFG branches share the latent) and the others follow."""
+        members = self._members.setdefault(group, [])
+        if key not in members:
+            members.append(key)
+        slot = self._slots.get(group)
+        if slot is None or slot[0] != step or key in slot[2]:
+            others = (self._wants_compute(self._branches[m], x, step, num_steps)[0] for m in members if m != key)
+            slot = (step, own or any(others), set())
+            self._slots[group] = slot
+        slot[2].add(key)
+        return slot[1] or own
 
     def reuse(self, key: BranchKey, x: torch.Tensor) -> torch.Tensor:
         """Estimate the output for a skipped call: x + Δ (or the cached output if shapes differ)."""

@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--easycache", type=float, default=None, metavar="THRESHOLD",
                         help="enable hasten's EasyCache with this threshold")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the model is tiny: 1 is fastest)")
     parser.add_argument("--out", type=Path, default=Path("digits.png"), help="output PNG grid")
 
 
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import summary
     from ..metrics import digit_accuracy
 
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    torch.set_num_threads(max(1, args.threads))
     pipe = load_embedded(device=args.device)
     if args.easycache is not None:
         pipe.enable_easycache(threshold=args.easycache)

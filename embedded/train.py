@@ -219,6 +219,18 @@ def train_transformer(transformer, latents, labels, embeds, uncond, args, log) -
 
 
 # ------------------------------------------------------------------------------------------------- run
+def portable_tokenizer_class(out: Path) -> None:
+    """Name the tokenizer ``PreTrainedTokenizerFast`` (transformers 5 writes its new alias
+    ``TokenizersBackend``, which transformers 4 cannot load); both versions resolve the old name."""
+    for path, key in ((out / "model_index.json", "tokenizer"), (out / "tokenizer" / "tokenizer_config.json", None)):
+        data = json.loads(path.read_text())
+        if key is None:
+            data["tokenizer_class"] = "PreTrainedTokenizerFast"
+        else:
+            data[key] = ["transformers", "PreTrainedTokenizerFast"]
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def write_report(record: dict[str, Any], out: Path) -> None:
     """TRAINING.md: the human-readable twin of TRAINING.json."""
     m, s, p = record["metrics"], record["settings"], record["params"]
@@ -308,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
     tr_metrics = train_transformer(comp["transformer"], latents, ys, embeds, uncond[:1], args, log)
     t_train = time.perf_counter() - t0
     pipe.save_pretrained(out, safe_serialization=True)
+    portable_tokenizer_class(out)
     log(f"saved to {out}")
 
     ev = evaluate_saved(out, args.eval_samples)

@@ -181,7 +181,8 @@ def apply_model_wrapper(executor: Any, x: torch.Tensor, t: torch.Tensor, c_conca
             denoised_parts[r] = picked[j : j + 1]
         return (picked - a[rows]) / b[rows]
 
-    raw = run_cached(run.cache, keys, xc, [step] * batch, run.num_steps, compute, labels)
+    raw = run_cached(run.cache, keys, xc, [step] * batch, run.num_steps, compute, labels,
+                     groups=[k[1] for k in keys])
     if full:  # every row computed: the model's own output, untouched (threshold 0 is bit-identical)
         return full[0]
     denoised = a + b * raw.to(a.dtype)

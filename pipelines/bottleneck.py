@@ -11,8 +11,10 @@ instance attributes, removed again by ``disable_bottleneck_sampling``):
   respects their patch size, so no pipeline code is copied or forked.
 
 This keeps the user's call (prompts, CFG, callbacks, other hasten hooks) untouched; caches below see
-the resolution change and reset. Packed-latent pipelines (Flux: tokens plus precomputed image ids)
-and multistep/sigma-scaled schedulers are refused with a clear error.
+the resolution change and reset. Multistep flow solvers (UniPC, DPM-Solver++ with flow sigmas) restart
+their history at each stage change, since their stored outputs belong to the old resolution.
+Packed-latent pipelines (Flux: tokens plus precomputed image ids) and sigma-scaled (Karras/EDM)
+schedulers are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -36,8 +38,28 @@ from .denoiser import find_denoisers
 from .registry import Feature, features
 
 SUPPORTED = ("pipelines with 4D/5D latents (Wan 2.1 and the embedded model, SD3, SD 1.5, SDXL, PixArt) using "
-             "FlowMatchEulerDiscreteScheduler, DDIMScheduler or DDPMScheduler")
+             "FlowMatchEulerDiscreteScheduler, UniPC / DPM-Solver multistep in flow-prediction mode, "
+             "DDIMScheduler or DDPMScheduler")
 DDPM_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler")
+FLOW_MULTISTEP = ("UniPCMultistepScheduler", "DPMSolverMultistepScheduler")
+
+
+def _is_flow_multistep(sched: Any) -> bool:
+    cfg = sched.config
+    return type(sched).__name__ in FLOW_MULTISTEP and (
+        bool(getattr(cfg, "use_flow_sigmas", False)) or getattr(cfg, "prediction_type", None) == "flow_prediction")
+
+
+def _restart_multistep(sched: Any) -> None:
+    """Forget a multistep solver's history (outputs at the old resolution): it restarts at first order."""
+    for attr in ("model_outputs", "timestep_list"):
+        hist = getattr(sched, attr, None)
+        if isinstance(hist, list):
+            setattr(sched, attr, [None] * len(hist))
+    if hasattr(sched, "lower_order_nums"):
+        sched.lower_order_nums = 0
+    if hasattr(sched, "last_sample"):
+        sched.last_sample = None
 
 
 def _patch_multiple(pipe: Any) -> int:
@@ -67,7 +89,8 @@ class BottleneckScheduler:
         self.config = config
         self.sched = pipe.scheduler
         name = type(self.sched).__name__
-        if "FlowMatch" in name and "Euler" in name:
+        self.multistep = _is_flow_multistep(self.sched)
+        if ("FlowMatch" in name and "Euler" in name) or self.multistep:
             self.kind = "flow"
         elif name in DDPM_SCHEDULERS:
             self.kind = "ddpm"
@@ -130,6 +153,8 @@ class BottleneckScheduler:
             sig = self.sched.sigmas
             new = flow_transition(sample, model_output, float(sig[i]), float(sig[i + 1]), size, self.config,
                                   nxt.index)
+            if self.multistep:
+                _restart_multistep(self.sched)
         else:
             t_next = int(self.sched.timesteps[i + 1])
             ab = float(self.sched.alphas_cumprod[t_next])

@@ -60,7 +60,8 @@ class EasyCacheHook(DenoiserHook):
             self.packer.learn(result)
             return main_tensor(result)
 
-        out = run_cached(self.cache, keys, x, steps, self.tracker.num_steps, compute, labels)
+        out = run_cached(self.cache, keys, x, steps, self.tracker.num_steps, compute, labels,
+                         groups=[item for _, item in keys])
         if full:  # every row computed: hand back the model's own output object untouched
             return full[0]
         return self.packer.pack(out, kwargs.get("return_dict"))

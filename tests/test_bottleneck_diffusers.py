@@ -90,3 +90,37 @@ def test_guidance_bottleneck_easycache_compose():
     for off in (pipe.disable_bottleneck_sampling, pipe.disable_adaptive_guidance, pipe.disable_easycache):
         off()
     assert not hasattr(tp.denoiser(pipe), "_diffusers_hook")
+
+
+def test_multistep_flow_solver_restarts_history_at_stage_changes():
+    """UniPC in flow mode (the embedded model's scheduler): stages run and the solver history is reset."""
+    from diffusers import UniPCMultistepScheduler
+
+    pipe, kw = tp.wan()
+    kw = {**kw, "height": 32, "width": 32}  # a 4x4 latent, halved to 2x2 in the middle stage
+    pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe.set_progress_bar_config(disable=True)
+    base = tp.run(pipe, kw, steps=10)
+    shapes = []
+    h = pipe.transformer.register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(k["hidden_states"].shape[-2:])),
+                                                   with_kwargs=True)
+    orders = []
+    orig_step = type(pipe.scheduler).step
+
+    def spy(self, *a, **k):  # record the solver order it will use, just before each step
+        orders.append(self.lower_order_nums)
+        return orig_step(self, *a, **k)
+
+    type(pipe.scheduler).step = spy
+    pipe.enable_bottleneck_sampling(scales=(1.0, 0.5, 1.0), boundaries=(0.3, 0.7))
+    try:
+        out = tp.run(pipe, kw, steps=10)
+    finally:
+        type(pipe.scheduler).step = orig_step
+        h.remove()
+    assert out.shape == base.shape and torch.isfinite(out).all()
+    # steps 0-2 at 4x4, 3-6 at 2x2, 7-9 at 4x4 (two calls per step: cond and uncond)
+    assert shapes == [(4, 4)] * 6 + [(2, 2)] * 8 + [(4, 4)] * 6, shapes
+    assert orders[3] == 0 and orders[7] == 0, f"history not restarted at the stage changes: {orders}"
+    pipe.disable_bottleneck_sampling()
+    assert "step" not in vars(pipe.scheduler) and torch.equal(tp.run(pipe, kw, steps=10), base)

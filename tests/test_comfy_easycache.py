@@ -253,8 +253,8 @@ def test_rows_that_must_compute_are_sliced_out(comfy, models) -> None:
     class Scripted(mod.EasyCache):  # the real core, with one decision forced per label
         force: dict | None = None
 
-        def should_compute(self, key, x, step, num_steps, label=None):
-            decided = super().should_compute(key, x, step, num_steps, label)
+        def should_compute(self, key, x, step, num_steps, label=None, group=None):
+            decided = super().should_compute(key, x, step, num_steps, label, group)
             return self.force[label] if self.force else decided
 
     cache = Scripted(mod.EasyCacheConfig(threshold=0.0))

@@ -144,3 +144,30 @@ def test_stats_and_reset():
     assert cache.last_run is stats and stats.estimated_speedup > 1
     assert "EasyCache" in stats.summary()
     assert cache.current_stats().calls == 0  # state gone after the run
+
+
+def _two_branches(sync: bool):
+    """Two branches of one batch item: cond's output barely moves relative to its size, uncond's moves as
+    fast as the input. Without sync they decide differently; with sync they must decide together."""
+    cache = EasyCache(EasyCacheConfig(threshold=0.15, warmup=0.1, sync_branches=sync))
+    cache.begin_run(12)
+    x = torch.ones(1, 2, 4, 4)
+    got = {"cond": [], "uncond": []}
+    for s in range(12):
+        x = x * 0.9
+        for k, offset in (("cond", 100.0), ("uncond", 0.0)):
+            if cache.should_compute((k, 0), x, s, 12, k, group=0):
+                cache.remember((k, 0), x, x + offset)
+                got[k].append(True)
+            else:
+                cache.reuse((k, 0), x)
+                got[k].append(False)
+    return got
+
+
+def test_branches_of_one_item_decide_together():
+    synced = _two_branches(True)
+    assert synced["cond"] == synced["uncond"]
+    assert not all(synced["cond"]), "synchronised branches should still reuse"
+    free = _two_branches(False)
+    assert free["cond"] != free["uncond"], "without sync these branches decide differently"

@@ -323,3 +323,20 @@ def test_load_model_from_local_folder(tmp_path):
     assert comp.baseline.image.shape == (3, 64, 64) and comp.baseline.forwards == 6
     headers, _ = metrics_table(comp)
     assert "digit accuracy" not in headers  # only the embedded model is scored as digits
+
+
+@pytest.mark.parametrize("family", ["guidance", "bottleneck", "sparse", "quant"])
+def test_every_family_panel_runs_and_restores(handle, family):
+    """Each family's panel, at its defaults, runs a comparison on the tiny Wan pipeline and leaves nothing on."""
+    spec = PANELS[family]
+    variant = configuration("A", {family: spec.defaults(0)})
+    before = [p.detach().clone() for p in handle.pipe.transformer.parameters()]
+    result = run_comparison(handle, REQ, [variant])
+    assert result.runs[0].error is None
+    if family == "bottleneck":  # 16 px -> a 2x2 latent: halving it breaks the patch size, said in the row
+        assert "multiple" in result.runs[1].error and "patch" in result.runs[1].error
+    else:
+        assert result.runs[1].error is None and result.runs[1].image is not None
+    assert features(handle.pipe) == {}
+    after = list(handle.pipe.transformer.parameters())
+    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))

@@ -321,6 +321,12 @@ def run_comparison(handle: ModelHandle, request: GenerationRequest, configs: Seq
             if _is_oom(exc):
                 raise _oom(request) from exc
             raise
+        for v, res in zip(variants, runs):  # one-off calibration (e.g. quantization), outside the timing
+            if v.prepare is not None and not res.error:
+                try:
+                    v.prepare(pipe, lambda: handle.generate(request))
+                except Exception as exc:  # noqa: BLE001
+                    res.error = f"calibration failed: {type(exc).__name__}: {exc}"
         counter = ForwardCounter(den) if den is not None else None
         try:
             for rep in range(int(repeats)):

@@ -21,7 +21,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..bench.variants import Variant, hasten_easycache
+from ..bench.variants import (
+    Variant,
+    adaptive_guidance,
+    bottleneck,
+    cfg_truncation,
+    combo,
+    hasten_easycache,
+    quantized,
+    sparse_attention,
+)
 
 ControlKind = Literal["slider", "checkbox", "dropdown", "number"]
 
@@ -97,35 +106,8 @@ def panels() -> list[PanelSpec]:
 
 
 def compose(name: str, variants: Sequence[Variant]) -> Variant:
-    """One variant applying ``variants`` in order and removing them in reverse order (all removed even if
-    one removal fails; a failed apply removes what was already applied)."""
-    parts = list(variants)
-    applied: list[Variant] = []
-
-    def apply(pipe: Any) -> None:
-        applied.clear()
-        try:
-            for v in parts:
-                v.apply(pipe)
-                applied.append(v)
-        except Exception:
-            remove(pipe)
-            raise
-
-    def remove(pipe: Any) -> None:
-        errors = []
-        for v in reversed(applied or parts):
-            try:
-                v.remove(pipe)
-            except Exception as exc:  # noqa: BLE001 - keep removing the others, re-raise the first
-                errors.append(exc)
-        applied.clear()
-        if errors:
-            raise errors[0]
-
-    settings = {v.name: v.settings for v in parts}
-    unavailable = "; ".join(v.unavailable for v in parts if v.unavailable) or None
-    return Variant(name, "hasten" if parts else "baseline", apply, remove, settings, unavailable)
+    """One variant applying ``variants`` in order and removing them in reverse order (see bench's combo)."""
+    return combo(name, *variants)
 
 
 def configuration(name: str, choices: dict[str, dict[str, Any] | None]) -> Variant | None:
@@ -162,4 +144,50 @@ register_panel(PanelSpec(
         threshold, warmup=warmup, max_consecutive_reuse=max_consecutive_reuse),
     default_enabled=(True, True, False),
     slot_defaults=({"threshold": 0.1}, {"threshold": 0.3}, {"threshold": 0.5}),
+))
+
+register_panel(PanelSpec(
+    family="guidance",
+    title="Adaptive guidance (skip the unconditional pass)",
+    description="AG stops computing the unconditional pass once cos(cond, uncond) reaches the threshold, per "
+                "sample; 'truncate' drops CFG after a fixed fraction of the steps. A threshold above 1 is off.",
+    controls=(
+        Control("mode", "mode", kind="dropdown", default="ag", choices=("ag", "truncate")),
+        Control("threshold", "AG cosine threshold", default=0.993, minimum=0.9, maximum=1.5, step=0.001),
+        Control("truncate", "truncate after fraction", default=0.5, minimum=0.0, maximum=1.0, step=0.05),
+    ),
+    build=lambda mode, threshold, truncate: (adaptive_guidance(threshold) if mode == "ag"
+                                             else cfg_truncation(truncate)),
+))
+
+register_panel(PanelSpec(
+    family="bottleneck",
+    title="Bottleneck sampling (high → low → high resolution)",
+    description="Runs the middle stage at a lower resolution, with re-noising at the up-sampling and a "
+                "per-stage timestep shift. Scale 1 is off.",
+    controls=(
+        Control("scale", "middle-stage scale", default=0.5, minimum=0.25, maximum=1.0, step=0.25),
+        Control("start", "low-res stage starts at", default=0.2, minimum=0.0, maximum=1.0, step=0.05),
+        Control("end", "low-res stage ends at", default=0.7, minimum=0.0, maximum=1.0, step=0.05),
+    ),
+    build=lambda scale, start, end: bottleneck(scale, (start, end)),
+))
+
+register_panel(PanelSpec(
+    family="sparse",
+    title="Sparse attention (AdaSpa-style, block-sparse)",
+    description="Per head, keeps the key blocks holding the target share of attention mass; searched once "
+                "after the dense warm-up and reused. Mass 1.0 is dense. Faster on GPU (Triton); on CPU it is "
+                "the correctness path and slower than dense.",
+    controls=(Control("target_mass", "target attention mass", default=0.95, minimum=0.5, maximum=1.0, step=0.01),),
+    build=lambda target_mass: sparse_attention(target_mass),
+))
+
+register_panel(PanelSpec(
+    family="quant",
+    title="Low-bit quantization of the denoiser",
+    description="int8 / int4 weights (AWQ-style scales) or W8A8, calibrated on a few real sampling steps; "
+                "sensitive layers kept. On CPU the weights are smaller, not faster (except W8A8).",
+    controls=(Control("method", "method", kind="dropdown", default="int8", choices=("int8", "int4", "w8a8")),),
+    build=lambda method: quantized(method, **({"group_size": 64} if method == "int4" else {})),
 ))
