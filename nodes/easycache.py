@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..caches import EasyCache, EasyCacheConfig, RunStats, run_cached
+from .runs import last_run_stats, num_steps_of, scoped_run, step_index
 
 log = logging.getLogger("hasten")
 
@@ -53,46 +54,31 @@ class _Run:
 
 def stats(model: Any) -> RunStats | None:
     """Statistics of the last sampling run of a MODEL patched by the node (None if never run)."""
-    holder = model.model_options.get("transformer_options", {}).get(HOLDER_KEY)
-    return holder.last_run if holder is not None else None
+    return last_run_stats(model, HOLDER_KEY)
 
 
 # -- wrappers ------------------------------------------------------------------------------------
 def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
     """Give every sampling run a fresh cache (begin_run) and keep its stats when it ends."""
-    guider = executor.class_obj
-    orig = guider.model_options
-    holder: EasyCacheHolder = orig["transformer_options"][HOLDER_KEY]
-    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    num_steps = max(int(sigmas.shape[-1]) - 1, 1)
-    cache = EasyCache(holder.config)
-    cache.begin_run(num_steps)
-    import comfy.model_patcher  # ComfyUI is importable whenever this wrapper runs
 
-    guider.model_options = comfy.model_patcher.create_model_options_clone(orig)
-    guider.model_options["transformer_options"][RUN_KEY] = _Run(holder, cache, num_steps)
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        guider.model_options = orig
-        result = cache.end_run()
-        if result.calls:
-            holder.last_run = result
-            if holder.verbose:
-                log.info("%s", result.summary())
-            else:
-                log.info("EasyCache (hasten): %d/%d branch forwards computed (%.2fx)", result.computed,
-                         result.calls, result.estimated_speedup)
+    def start(holder: EasyCacheHolder, sigmas: torch.Tensor) -> tuple[_Run, Any]:
+        num_steps = num_steps_of(sigmas)
+        cache = EasyCache(holder.config)
+        cache.begin_run(num_steps)
 
+        def finish() -> None:
+            result = cache.end_run()
+            if result.calls:
+                holder.last_run = result
+                if holder.verbose:
+                    log.info("%s", result.summary())
+                else:
+                    log.info("EasyCache (hasten): %d/%d branch forwards computed (%.2fx)", result.computed,
+                             result.calls, result.estimated_speedup)
 
-def _step_index(sample_sigmas: torch.Tensor | None, sigma: torch.Tensor, num_steps: int) -> int:
-    """Position of ``sigma`` in the run's schedule: largest i with sample_sigmas[i] >= sigma."""
-    if sample_sigmas is None:
-        return 0
-    ss = sample_sigmas.detach().double().cpu().flatten()
-    s = float(sigma)
-    hit = torch.nonzero(ss >= s - 1e-6 * max(1.0, abs(s))).flatten()
-    return min(int(hit[-1]) if hit.numel() else 0, num_steps - 1)
+        return _Run(holder, cache, num_steps), finish
+
+    return scoped_run(executor, args, kwargs, HOLDER_KEY, RUN_KEY, start)
 
 
 def _affine(model_sampling: Any, sigma: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -149,7 +135,7 @@ def apply_model_wrapper(executor: Any, x: torch.Tensor, t: torch.Tensor, c_conca
     xc = ms.calculate_input(t, x)
     keys = [(uuids[i // per], i % per) for i in range(batch)]
     labels = [f"{'cond' if cond_or_uncond[i // per] == 0 else 'uncond'}[{i % per}]" for i in range(batch)]
-    step = _step_index(topts.get("sample_sigmas"), t[0], run.num_steps)
+    step = step_index(topts.get("sample_sigmas"), t[0], run.num_steps)
     denoised_parts: dict[int, torch.Tensor] = {}
     full: list[torch.Tensor] = []
 

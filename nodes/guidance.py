@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..samplers.guidance import AdaptiveGuidance, GuidanceConfig, GuidanceStats
+from .runs import last_run_stats, num_steps_of, scoped_run, step_index
 
 log = logging.getLogger("hasten")
 
@@ -41,40 +42,27 @@ class _Run:
 
 def stats(model: Any) -> GuidanceStats | None:
     """Statistics of the last sampling run of a MODEL patched by the node (None if never run)."""
-    holder = model.model_options.get("transformer_options", {}).get(HOLDER_KEY)
-    return holder.last_run if holder is not None else None
+    return last_run_stats(model, HOLDER_KEY)
 
 
 def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
-    guider = executor.class_obj
-    orig = guider.model_options
-    holder: GuidanceHolder = orig["transformer_options"][HOLDER_KEY]
-    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    num_steps = max(int(sigmas.shape[-1]) - 1, 1)
-    policy = AdaptiveGuidance(holder.config)
-    policy.begin_run(num_steps)
-    import comfy.model_patcher
+    """A fresh per-sample guidance policy for every sampling run; stats kept on the holder afterwards."""
 
-    guider.model_options = comfy.model_patcher.create_model_options_clone(orig)
-    guider.model_options["transformer_options"][RUN_KEY] = _Run(holder, policy, num_steps)
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        guider.model_options = orig
-        result = policy.end_run()
-        if result.cond_forwards:
-            holder.last_run = result
-            log.info("adaptive guidance (hasten): %d/%d rows run (%.0f%% saved)", result.forwards,
-                     result.baseline_forwards, 100 * result.saved_fraction)
+    def start(holder: GuidanceHolder, sigmas: torch.Tensor) -> tuple[_Run, Any]:
+        num_steps = num_steps_of(sigmas)
+        policy = AdaptiveGuidance(holder.config)
+        policy.begin_run(num_steps)
 
+        def finish() -> None:
+            result = policy.end_run()
+            if result.cond_forwards:
+                holder.last_run = result
+                log.info("adaptive guidance (hasten): %d/%d rows run (%.0f%% saved)", result.forwards,
+                         result.baseline_forwards, 100 * result.saved_fraction)
 
-def _step_index(sample_sigmas: torch.Tensor | None, sigma: torch.Tensor, num_steps: int) -> int:
-    if sample_sigmas is None:
-        return 0
-    ss = sample_sigmas.detach().double().cpu().flatten()
-    s = float(sigma)
-    hit = torch.nonzero(ss >= s - 1e-6 * max(1.0, abs(s))).flatten()
-    return min(int(hit[-1]) if hit.numel() else 0, num_steps - 1)
+        return _Run(holder, policy, num_steps), finish
+
+    return scoped_run(executor, args, kwargs, HOLDER_KEY, RUN_KEY, start)
 
 
 def calc_cond_batch_wrapper(executor: Any, model: Any, conds: list, x_in: torch.Tensor, timestep: torch.Tensor,
@@ -83,7 +71,7 @@ def calc_cond_batch_wrapper(executor: Any, model: Any, conds: list, x_in: torch.
     if run is None or len(conds) != 2 or conds[1] is None or conds[0] is None:
         return executor(model, conds, x_in, timestep, model_options)
     pol, batch = run.policy, x_in.shape[0]
-    step = _step_index(model_options["transformer_options"].get("sample_sigmas"), timestep[0], run.num_steps)
+    step = step_index(model_options["transformer_options"].get("sample_sigmas"), timestep[0], run.num_steps)
     need = [pol.needs_uncond(i, step) for i in range(batch)]
     if all(need):
         out = executor(model, conds, x_in, timestep, model_options)

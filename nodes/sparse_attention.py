@@ -22,6 +22,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..kernels.adaspa import AdaSpa, AdaSpaConfig, AdaSpaStats
+from .runs import last_run_stats, scoped_run, step_index
 
 log = logging.getLogger("hasten")
 
@@ -60,38 +61,25 @@ class _Call:
 
 def stats(model: Any) -> AdaSpaStats | None:
     """Statistics of the last sampling run of a MODEL patched by the node (None if never run)."""
-    holder = model.model_options.get("transformer_options", {}).get(HOLDER_KEY)
-    return holder.last_run if holder is not None else None
-
-
-def _step_of(sample_sigmas: torch.Tensor, sigma: torch.Tensor) -> int:
-    """Index of the last schedule entry >= sigma (the step this model call belongs to)."""
-    ss = sample_sigmas.detach().double().cpu().flatten()
-    s = float(sigma)
-    hit = torch.nonzero(ss >= s - 1e-6 * max(1.0, abs(s))).flatten()
-    return int(hit[-1]) if hit.numel() else 0
+    return last_run_stats(model, HOLDER_KEY)
 
 
 def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
     """A fresh policy (patterns, stats) for every sampling run; stats kept on the holder afterwards."""
-    import comfy.model_patcher
 
-    guider = executor.class_obj
-    orig = guider.model_options
-    holder: SparseHolder = orig["transformer_options"][HOLDER_KEY]
-    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    policy = AdaSpa(holder.config)
-    policy.begin_run()
-    guider.model_options = comfy.model_patcher.create_model_options_clone(orig)
-    guider.model_options["transformer_options"][RUN_KEY] = _Run(holder, policy, sigmas)
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        guider.model_options = orig
-        policy.end_run()
-        if policy.last_run is not None:
-            holder.last_run = policy.last_run
-            log.info("Sparse attention (hasten): %s", policy.last_run.summary())
+    def start(holder: SparseHolder, sigmas: torch.Tensor) -> tuple[_Run, Any]:
+        policy = AdaSpa(holder.config)
+        policy.begin_run()
+
+        def finish() -> None:
+            policy.end_run()
+            if policy.last_run is not None:
+                holder.last_run = policy.last_run
+                log.info("Sparse attention (hasten): %s", policy.last_run.summary())
+
+        return _Run(holder, policy, sigmas), finish
+
+    return scoped_run(executor, args, kwargs, HOLDER_KEY, RUN_KEY, start)
 
 
 def apply_model_wrapper(executor: Any, x: torch.Tensor, t: torch.Tensor, c_concat: Any = None,
@@ -110,7 +98,7 @@ def apply_model_wrapper(executor: Any, x: torch.Tensor, t: torch.Tensor, c_conca
     else:
         rows = [("row", batch, i) for i in range(batch)]
     call_opts = dict(topts)
-    call_opts[CALL_KEY] = _Call(run, _step_of(run.sample_sigmas, t[0]), rows)
+    call_opts[CALL_KEY] = _Call(run, step_index(run.sample_sigmas, t[0]), rows)
     return executor(x, t, c_concat, c_crossattn, control, call_opts, **kwargs)
 
 

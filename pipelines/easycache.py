@@ -10,16 +10,13 @@ import torch
 from ..caches import EasyCache, EasyCacheConfig, RunStats, run_cached
 from .denoiser import (
     DenoiserHook,
-    attach,
     branch_keys,
-    detach,
-    find_denoisers,
     main_tensor,
     row_keys,
     slice_batch,
     split_input,
 )
-from .registry import Feature, features
+from .registry import HookFeature, features
 
 HOOK_NAME = "hasten_easycache"
 PRIORITY = 50  # hook stacking: below guidance (100) and sparse attention (75)
@@ -67,29 +64,18 @@ class EasyCacheHook(DenoiserHook):
         return self.packer.pack(out, kwargs.get("return_dict"))
 
 
-class EasyCacheFeature(Feature):
+class EasyCacheFeature(HookFeature):
     name = "easycache"
+    hook_name = HOOK_NAME
+    priority = PRIORITY
 
     def __init__(self, pipe: Any, config: EasyCacheConfig) -> None:
         self.config = config
-        self.hooks: dict[str, EasyCacheHook] = {}
-        for comp, module in find_denoisers(pipe).items():
-            hook = EasyCacheHook(pipe, config)
-            attach(module, hook, HOOK_NAME, priority=PRIORITY)
-            self.hooks[comp] = hook
-        self._modules = find_denoisers(pipe)
+        super().__init__(pipe, lambda: EasyCacheHook(pipe, config))
 
-    def remove(self) -> None:
-        for module in self._modules.values():
-            detach(module, HOOK_NAME)
-        self.hooks = {}
-
-    def stats(self) -> dict[str, RunStats | None]:
-        out: dict[str, RunStats | None] = {}
-        for comp, hook in self.hooks.items():
-            cur = hook.cache.current_stats()
-            out[comp] = cur if cur.calls else hook.cache.last_run
-        return out
+    def run_stats(self, hook: EasyCacheHook) -> tuple[RunStats | None, RunStats | None]:
+        cur = hook.cache.current_stats()
+        return (cur if cur.calls else None), hook.cache.last_run
 
 
 def enable_easycache(pipe: Any, config: EasyCacheConfig | None = None, **kwargs: Any) -> Any:

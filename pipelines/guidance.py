@@ -32,16 +32,14 @@ from ..samplers.guidance import (
 )
 from .denoiser import (
     DenoiserHook,
-    attach,
     branch_keys,
-    detach,
     find_denoisers,
     main_tensor,
     row_keys,
     slice_batch,
     split_input,
 )
-from .registry import Feature, features
+from .registry import HookFeature, features
 
 HOOK_NAME = "hasten_guidance"
 PRIORITY = 100  # outermost hasten hook: it drops rows, the hooks below key their state by row
@@ -169,29 +167,18 @@ def _model_dir(pipe: Any) -> str | None:
     return path if path and Path(path).is_dir() else None
 
 
-class GuidanceFeature(Feature):
+class GuidanceFeature(HookFeature):
     name = "guidance"
+    hook_name = HOOK_NAME
+    priority = PRIORITY
 
     def __init__(self, pipe: Any, config: GuidanceConfig, record: bool = False) -> None:
         self.config = config
-        self._modules = find_denoisers(pipe)
-        self.hooks: dict[str, GuidanceHook] = {}
-        for comp, module in self._modules.items():
-            hook = GuidanceHook(pipe, config, record=record)
-            attach(module, hook, HOOK_NAME, priority=PRIORITY)
-            self.hooks[comp] = hook
+        super().__init__(pipe, lambda: GuidanceHook(pipe, config, record=record))
 
-    def remove(self) -> None:
-        for module in self._modules.values():
-            detach(module, HOOK_NAME)
-        self.hooks = {}
-
-    def stats(self) -> dict[str, GuidanceStats | None]:
-        out: dict[str, GuidanceStats | None] = {}
-        for comp, hook in self.hooks.items():
-            cur = hook.policy.current_stats()
-            out[comp] = cur if cur.cond_forwards else hook.policy.last_run
-        return out
+    def run_stats(self, hook: GuidanceHook) -> tuple[GuidanceStats | None, GuidanceStats | None]:
+        cur = hook.policy.current_stats()
+        return (cur if cur.cond_forwards else None), hook.policy.last_run
 
 
 def denoiser_key(pipe: Any) -> str:

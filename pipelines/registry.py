@@ -19,6 +19,42 @@ class Feature:
         return {}
 
 
+class HookFeature(Feature):
+    """A feature made of one denoiser hook per denoiser component (EasyCache, adaptive guidance)."""
+
+    hook_name = "hasten_hook"
+    priority = 0
+
+    def __init__(self, pipe: Any, make_hook: Any) -> None:
+        from .denoiser import attach, find_denoisers
+
+        self._modules = find_denoisers(pipe)
+        self.hooks: dict[str, Any] = {}
+        for comp, module in self._modules.items():
+            hook = make_hook()
+            attach(module, hook, self.hook_name, priority=self.priority)
+            self.hooks[comp] = hook
+
+    def remove(self) -> None:
+        from .denoiser import detach
+
+        for module in self._modules.values():
+            detach(module, self.hook_name)
+        self.hooks = {}
+
+    def run_stats(self, hook: Any) -> tuple[Any, Any]:
+        """(stats of the run in progress, stats of the last finished run) of one hook."""
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any]:
+        """Per component: the run in progress if it has begun, else the last finished run (None if none)."""
+        out = {}
+        for comp, hook in self.hooks.items():
+            current, last = self.run_stats(hook)
+            out[comp] = current if current else last
+        return out
+
+
 def features(pipe: Any) -> dict[str, Feature]:
     """The pipeline's enabled features, by name (created empty on first use)."""
     reg = getattr(pipe, _ATTR, None)

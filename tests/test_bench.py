@@ -6,12 +6,13 @@ import json
 import math
 
 import pytest
-import tiny_pipes as tp
 import torch
 
 from hasten.bench.report import table, write_json, write_plot
 from hasten.bench.runner import run_bench
 from hasten.bench.variants import Variant, baseline, diffusers_fbc, hasten_easycache, preset
+
+import tiny_pipes as tp
 
 
 def _generate(pipe, kw):
