@@ -111,7 +111,7 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
                             fams = []
                             with gr.Accordion(f"configuration {slot}", open=i == 0, elem_id=f"cfg-{slot}"):
                                 for spec in panels():
-                                    on = gr.Checkbox(value=spec.enabled_by_default(i), label=f"{spec.title}: on",
+                                    on = gr.Checkbox(value=spec.enabled_by_default(i), label=f"use {spec.title}",
                                                      info=spec.description, elem_id=f"cfg-{slot}-{spec.family}")
                                     defaults = spec.defaults(i)
                                     comps = {c.name: _control(gr, c, defaults[c.name],
