@@ -33,22 +33,24 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     if args.model == "embedded":
-        from ..embedded import WEIGHTS_DIR, load_embedded
+        from ..embedded import DEFAULT_SIZE, WEIGHTS_DIR, load_embedded
 
         pipe, model_dir = load_embedded(), WEIGHTS_DIR
         prompts = args.prompts or [f"digit {d}" for d in range(10)]
+        extra = {"height": DEFAULT_SIZE, "width": DEFAULT_SIZE, "num_frames": 1}
     else:
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True)
         model_dir = args.model
         prompts = args.prompts or ["a photo"]
+        extra = {}
     pipe.set_progress_bar_config(disable=True)
 
     def runner(seed: int) -> None:
         gen = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(prompts))]
         pipe(prompt=prompts, negative_prompt=[""] * len(prompts), num_inference_steps=args.steps,
-             guidance_scale=args.guidance, generator=gen, output_type="latent")
+             guidance_scale=args.guidance, generator=gen, output_type="latent", **extra)
 
     out = args.out
     if args.next_to_model:
