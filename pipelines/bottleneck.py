@@ -35,7 +35,7 @@ from ..samplers.bottleneck import (
     stage_size,
 )
 from .denoiser import find_denoisers
-from .registry import Feature, features
+from .registry import Feature, install, make_config, uninstall
 
 SUPPORTED = ("pipelines with 4D/5D latents (Wan 2.1 and the embedded model, SD3, SD 1.5, SDXL, PixArt) using "
              "FlowMatchEulerDiscreteScheduler, UniPC / DPM-Solver multistep in flow-prediction mode, "
@@ -193,20 +193,10 @@ class BottleneckFeature(Feature):
 
 def enable_bottleneck_sampling(pipe: Any, config: BottleneckConfig | None = None, **kwargs: Any) -> Any:
     """Turn on bottleneck sampling (settings as in :class:`BottleneckConfig`). Returns ``pipe``."""
-    if config is None:
-        config = BottleneckConfig(**kwargs)
-    elif kwargs:
-        raise TypeError("pass either a BottleneckConfig or keyword settings, not both")
-    reg = features(pipe)
-    if "bottleneck" in reg:
-        reg.pop("bottleneck").remove()
-    reg["bottleneck"] = BottleneckFeature(pipe, config)
-    return pipe
+    config = make_config(BottleneckConfig, config, kwargs)
+    return install(pipe, "bottleneck", lambda: BottleneckFeature(pipe, config))
 
 
 def disable_bottleneck_sampling(pipe: Any) -> Any:
     """Remove bottleneck sampling; the scheduler's methods are restored exactly. Returns ``pipe``."""
-    feat = features(pipe).pop("bottleneck", None)
-    if feat is not None:
-        feat.remove()
-    return pipe
+    return uninstall(pipe, "bottleneck")

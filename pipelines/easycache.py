@@ -16,7 +16,7 @@ from .denoiser import (
     slice_batch,
     split_input,
 )
-from .registry import HookFeature, features
+from .registry import HookFeature, install, make_config, uninstall
 
 HOOK_NAME = "hasten_easycache"
 PRIORITY = 50  # hook stacking: below guidance (100) and sparse attention (75)
@@ -83,21 +83,10 @@ def enable_easycache(pipe: Any, config: EasyCacheConfig | None = None, **kwargs:
 
     Calling it again replaces the previous settings (caches never stack). Returns the pipeline.
     """
-    if config is None:
-        config = EasyCacheConfig(**kwargs)
-    elif kwargs:
-        raise TypeError("pass either an EasyCacheConfig or keyword settings, not both")
-    reg = features(pipe)
-    if "easycache" in reg:
-        reg.pop("easycache").remove()
-    reg["easycache"] = EasyCacheFeature(pipe, config)
-    return pipe
+    config = make_config(EasyCacheConfig, config, kwargs)
+    return install(pipe, "easycache", lambda: EasyCacheFeature(pipe, config))
 
 
 def disable_easycache(pipe: Any) -> Any:
     """Remove EasyCache from ``pipe``; the denoiser's forward is restored exactly. Returns the pipeline."""
-    reg = features(pipe)
-    feat = reg.pop("easycache", None)
-    if feat is not None:
-        feat.remove()
-    return pipe
+    return uninstall(pipe, "easycache")

@@ -39,7 +39,7 @@ from .denoiser import (
     slice_batch,
     split_input,
 )
-from .registry import HookFeature, features
+from .registry import HookFeature, features, install, make_config, uninstall
 
 HOOK_NAME = "hasten_guidance"
 PRIORITY = 100  # outermost hasten hook: it drops rows, the hooks below key their state by row
@@ -194,10 +194,7 @@ def enable_adaptive_guidance(pipe: Any, config: GuidanceConfig | None = None, **
     for this model (next to the model or in the user cache dir) and raises if there is none. The hook
     is (re-)registered outermost so it composes with EasyCache enabled before or after. Returns ``pipe``.
     """
-    if config is None:
-        config = GuidanceConfig(**kwargs)
-    elif kwargs:
-        raise TypeError("pass either a GuidanceConfig or keyword settings, not both")
+    config = make_config(GuidanceConfig, config, kwargs)
     if config.mode == "linear" and config.coefficients is None:
         key = denoiser_key(pipe)
         coeffs = find_coefficients(key, _model_dir(pipe))
@@ -208,19 +205,12 @@ def enable_adaptive_guidance(pipe: Any, config: GuidanceConfig | None = None, **
                 "mode='ag' / 'truncate', which need no calibration."
             )
         config.coefficients = coeffs
-    reg = features(pipe)
-    if "guidance" in reg:
-        reg.pop("guidance").remove()
-    reg["guidance"] = GuidanceFeature(pipe, config)
-    return pipe
+    return install(pipe, "guidance", lambda: GuidanceFeature(pipe, config))
 
 
 def disable_adaptive_guidance(pipe: Any) -> Any:
     """Remove adaptive guidance; the denoiser's forward is restored exactly. Returns ``pipe``."""
-    feat = features(pipe).pop("guidance", None)
-    if feat is not None:
-        feat.remove()
-    return pipe
+    return uninstall(pipe, "guidance")
 
 
 def calibrate_pipeline(pipe: Any, runner: Any, seeds: list[int], out: str | Path | None = None,

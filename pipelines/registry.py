@@ -64,6 +64,32 @@ def features(pipe: Any) -> dict[str, Feature]:
     return reg
 
 
+def make_config(cls: type, config: Any, kwargs: dict[str, Any]) -> Any:
+    """``config`` as given, or ``cls(**kwargs)``; both at once is an error (which settings would win?)."""
+    if config is None:
+        return cls(**kwargs)
+    if kwargs:
+        raise TypeError(f"pass either a {cls.__name__} or keyword settings, not both")
+    return config
+
+
+def install(pipe: Any, name: str, make: Any) -> Any:
+    """Replace feature ``name`` on ``pipe`` by ``make()`` (the old one is removed first: nothing stacks)."""
+    reg = features(pipe)
+    if name in reg:
+        reg.pop(name).remove()
+    reg[name] = make()
+    return pipe
+
+
+def uninstall(pipe: Any, name: str) -> Any:
+    """Remove feature ``name`` from ``pipe`` if it is on; returns the pipeline."""
+    feat = features(pipe).pop(name, None)
+    if feat is not None:
+        feat.remove()
+    return pipe
+
+
 def stats(pipe: Any) -> dict[str, Any]:
     """Statistics of every enabled feature after (or during) the last pipeline call."""
     return {name: feat.stats() for name, feat in features(pipe).items()}

@@ -22,7 +22,7 @@ import torch
 from ..errors import UnsupportedModelError
 from ..kernels.adaspa import AdaSpa, AdaSpaConfig, AdaSpaStats
 from .denoiser import ROW_KEYS_ATTR, DenoiserHook, attach, branch_keys, detach, find_denoisers, split_input
-from .registry import Feature, features
+from .registry import Feature, features, install, make_config, uninstall
 
 PRIORITY = 75  # hook stacking: below guidance (100), above EasyCache (50) so it sees every step
 HOOK_NAME = "hasten_sparse_attention"
@@ -247,23 +247,13 @@ class SparseAttentionFeature(Feature):
 def enable_sparse_attention(pipe: Any, config: AdaSpaConfig | None = None, **kwargs: Any) -> Any:
     """Route the denoiser's self/joint attention through AdaSpa sparse attention; settings as in
     :class:`hasten.kernels.adaspa.AdaSpaConfig`. Calling it again replaces the settings. Returns the pipeline."""
-    if config is None:
-        config = AdaSpaConfig(**kwargs)
-    elif kwargs:
-        raise TypeError("pass either an AdaSpaConfig or keyword settings, not both")
-    reg = features(pipe)
-    if "sparse_attention" in reg:
-        reg.pop("sparse_attention").remove()
-    reg["sparse_attention"] = SparseAttentionFeature(pipe, config)
-    return pipe
+    config = make_config(AdaSpaConfig, config, kwargs)
+    return install(pipe, "sparse_attention", lambda: SparseAttentionFeature(pipe, config))
 
 
 def disable_sparse_attention(pipe: Any) -> Any:
     """Remove sparse attention: the original processor objects and forward are restored. Returns the pipeline."""
-    feat = features(pipe).pop("sparse_attention", None)
-    if feat is not None:
-        feat.remove()
-    return pipe
+    return uninstall(pipe, "sparse_attention")
 
 
 def measure_sparse_attention(pipe: Any, generate: Callable[[Any], torch.Tensor], **settings: Any) -> dict[str, Any]:
