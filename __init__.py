@@ -3,8 +3,9 @@
 Library use (diffusers)::
 
     import hasten
-    pipe.enable_easycache(threshold=0.2)   # added to every diffusers pipeline on import
-    image = pipe("digit 3").images[0]
+    pipe = hasten.load_embedded()            # or any diffusers pipeline
+    pipe.enable_easycache(threshold=0.2)     # enable_*/disable_* are added to every pipeline on import
+    frames = pipe(prompt="digit 3", negative_prompt="", height=32, width=32, num_frames=1).frames
     print(hasten.summary(pipe))
 
 The same folder is a ComfyUI custom-node pack: ComfyUI reads ``NODE_CLASS_MAPPINGS`` below.
@@ -32,20 +33,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BottleneckConfig",
-    "GuidanceConfig",
-    "LinearAGCoefficients",
     "EasyCache",
     "EasyCacheConfig",
-    "RunStats",
-    "UnsupportedModelError",
-    "__version__",
-]
-__all__ += [
+    "GuidanceConfig",
     "Int4WeightOnlyConfig",
     "Int8WeightOnlyConfig",
+    "LinearAGCoefficients",
+    "RunStats",
+    "UnsupportedModelError",
     "W8A8Config",
+    "__version__",
     "calibrate",
     "dequantize_",
+    "load_embedded",
     "load_quantized",
     "quantize_",
     "save_quantized",
@@ -55,32 +55,31 @@ __all__ += [
 try:  # diffusers is a base dependency, but a ComfyUI install may lack it: the nodes still load.
     import diffusers as _diffusers  # noqa: F401
 except ImportError:  # pragma: no cover - exercised only in ComfyUI-only environments
-    _HAS_DIFFUSERS = False
+    pass
 else:
-    _HAS_DIFFUSERS = True
     from .pipelines import (
+        dequantize_pipeline,
+        disable_adaptive_guidance,
+        disable_bottleneck_sampling,
         disable_easycache,
+        disable_sparse_attention,
+        enable_adaptive_guidance,
+        enable_bottleneck_sampling,
         enable_easycache,
+        enable_sparse_attention,
         features,
         install_pipeline_methods,
+        quantize_pipeline,
         stats,
         summary,
     )
 
     install_pipeline_methods()
-    from .pipelines import dequantize_pipeline, quantize_pipeline
-
-    __all__ += ["dequantize_pipeline", "quantize_pipeline"]
-    __all__ += ["disable_easycache", "enable_easycache", "features", "stats", "summary"]
-    from .pipelines import (
-        disable_adaptive_guidance,
-        disable_bottleneck_sampling,
-        enable_adaptive_guidance,
-        enable_bottleneck_sampling,
-    )
-
-    __all__ += ["disable_adaptive_guidance", "disable_bottleneck_sampling", "enable_adaptive_guidance",
-                "enable_bottleneck_sampling"]
+    __all__ += [
+        "dequantize_pipeline", "disable_adaptive_guidance", "disable_bottleneck_sampling", "disable_easycache",
+        "disable_sparse_attention", "enable_adaptive_guidance", "enable_bottleneck_sampling", "enable_easycache",
+        "enable_sparse_attention", "features", "quantize_pipeline", "stats", "summary",
+    ]
 
 
 def load_embedded(*args, **kwargs):
@@ -89,8 +88,6 @@ def load_embedded(*args, **kwargs):
 
     return _load(*args, **kwargs)
 
-
-__all__ += ["load_embedded"]
 
 # ComfyUI node pack entry points (empty when ComfyUI is not importable).
 try:

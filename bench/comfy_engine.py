@@ -13,6 +13,7 @@ import asyncio
 import importlib
 import importlib.machinery
 import importlib.util
+import logging
 import sys
 import types
 from dataclasses import dataclass, field
@@ -107,7 +108,13 @@ def start(base_dir: Path) -> ComfyEnv:
 
     import nodes
 
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)  # optional extras (audio, kornia, ...) fail to import here: expected, not news
+    try:
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    finally:
+        root_logger.setLevel(level)
     custom = base_dir / "custom_nodes"
     custom.mkdir(parents=True, exist_ok=True)
     link = custom / "hasten"

@@ -207,14 +207,16 @@ def cache_dit_dbcache(rdt: float) -> Variant:
     def apply(pipe: Pipe) -> None:
         import cache_dit
 
-        cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(residual_diff_threshold=rdt))
+        # DBCache's default Fn=8 front blocks exceed small models' depth: 1 front block, 0 back (its F1B0 setting)
+        cfg = cache_dit.DBCacheConfig(residual_diff_threshold=rdt, Fn_compute_blocks=1, Bn_compute_blocks=0)
+        cache_dit.enable_cache(pipe, cache_config=cfg)
 
     def remove(pipe: Pipe) -> None:
         import cache_dit
 
         cache_dit.disable_cache(pipe)
 
-    return Variant(name, "cache-dit", apply, remove, {"residual_diff_threshold": rdt})
+    return Variant(name, "cache-dit", apply, remove, {"residual_diff_threshold": rdt, "Fn": 1, "Bn": 0})
 
 
 EASYCACHE_SWEEP = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -246,6 +248,6 @@ def preset(name: str, steps: int) -> list[Variant]:
             diffusers_fbc(0.05), diffusers_fbc(0.1), diffusers_fbc(0.2),
             diffusers_taylorseer(2), diffusers_taylorseer(3),
             diffusers_magcache(0.06, steps), diffusers_magcache(0.12, steps), diffusers_magcache(0.24, steps),
-            cache_dit_dbcache(0.08), cache_dit_dbcache(0.16),
+            cache_dit_dbcache(0.08), cache_dit_dbcache(0.16), cache_dit_dbcache(0.3),
         ]
     raise ValueError(f"unknown preset {name!r}; choose one of: quick, easycache, families, peers, default")

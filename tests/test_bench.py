@@ -68,3 +68,17 @@ def test_presets():
     assert any(n.startswith("diffusers-fbc") for n in names) and any(n.startswith("diffusers-magcache") for n in names)
     with pytest.raises(ValueError, match="unknown preset"):
         preset("nope", 20)
+
+
+def test_cache_dit_peer_runs_and_restores(tiny_wan):
+    """The cache-dit DBCache peer (installed with the test extra) is measured like any variant."""
+    from hasten.bench.variants import cache_dit_dbcache
+
+    pipe, kw = tiny_wan
+    gen = _generate(pipe, kw)
+    peer = cache_dit_dbcache(0.5)
+    assert peer.unavailable is None, peer.unavailable
+    before = gen(pipe, 0)
+    rows = run_bench(pipe, [baseline(), peer], gen, seeds=[0], repeats=1, progress=False)
+    assert rows[1].error is None and rows[1].forwards_per_image <= rows[0].forwards_per_image
+    assert torch.equal(gen(pipe, 0), before)  # removed without a trace

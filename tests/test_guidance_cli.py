@@ -7,6 +7,7 @@ import json
 import torch
 
 import hasten
+from hasten import metrics
 from hasten.cli import main
 from hasten.embedded import generate_digits
 
@@ -23,4 +24,4 @@ def test_calibrate_guidance_cli_then_linear_ag(tmp_path, monkeypatch):
     st = next(iter(hasten.stats(pipe)["guidance"].values()))
     pipe.disable_adaptive_guidance()
     assert st.forwards < st.baseline_forwards
-    assert torch.isfinite(out).all() and hasten.metrics.psnr(out, base) > 15
+    assert torch.isfinite(out).all() and metrics.psnr(out, base) > 15
