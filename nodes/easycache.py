@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..caches import EasyCache, EasyCacheConfig, RunStats, run_cached
-from .runs import last_run_stats, num_steps_of, scoped_run, step_index
+from .runs import last_run_stats, num_steps_of, rewrap, scoped_run, step_index
 
 log = logging.getLogger("hasten")
 
@@ -196,12 +196,9 @@ def patch_model(model: Any, config: EasyCacheConfig, verbose: bool = False) -> A
     _check_hookable(model)
     import comfy.patcher_extension as pe
 
-    m = model.clone()
-    m.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
-    m.remove_wrappers_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    m = rewrap(model, WRAPPER_KEY, {pe.WrappersMP.OUTER_SAMPLE: outer_sample_wrapper,
+                                     pe.WrappersMP.APPLY_MODEL: apply_model_wrapper})
     m.model_options.setdefault("transformer_options", {})[HOLDER_KEY] = EasyCacheHolder(config, verbose)
-    m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
-    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
     return m
 
 

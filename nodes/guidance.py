@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..samplers.guidance import AdaptiveGuidance, GuidanceConfig, GuidanceStats
-from .runs import last_run_stats, num_steps_of, scoped_run, step_index
+from .runs import last_run_stats, num_steps_of, rewrap, scoped_run, step_index
 
 log = logging.getLogger("hasten")
 
@@ -122,15 +122,11 @@ def patch_model(model: Any, config: GuidanceConfig) -> Any:
         raise ValueError("the ComfyUI node supports modes 'ag' and 'truncate' (LinearAG is diffusers-only)")
     import comfy.patcher_extension as pe
 
-    m = model.clone()
-    m.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
-    m.remove_wrappers_with_key(pe.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY)
-    if config.is_off:  # plain CFG: nothing to wrap (bit-identical by construction)
-        m.model_options.setdefault("transformer_options", {})[HOLDER_KEY] = GuidanceHolder(config)
-        return m
+    # off = plain CFG: no wrappers at all (bit-identical by construction)
+    wrappers = {} if config.is_off else {pe.WrappersMP.OUTER_SAMPLE: outer_sample_wrapper,
+                                         pe.WrappersMP.CALC_COND_BATCH: calc_cond_batch_wrapper}
+    m = rewrap(model, WRAPPER_KEY, wrappers)
     m.model_options.setdefault("transformer_options", {})[HOLDER_KEY] = GuidanceHolder(config)
-    m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
-    m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)
     return m
 
 

@@ -15,6 +15,19 @@ import torch
 Start = Callable[[Any, torch.Tensor], tuple[Any, Callable[[], None]]]
 
 
+def rewrap(model: Any, key: str, wrappers: dict[str, Callable]) -> Any:
+    """A clone of ``model`` carrying exactly ``wrappers`` (WrappersMP kind -> function) under ``key``: whatever
+    an earlier patch put under that key is removed first, so re-patching replaces and never stacks."""
+    import comfy.patcher_extension as pe
+
+    m = model.clone()
+    for kind in (pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.CALC_COND_BATCH, pe.WrappersMP.APPLY_MODEL):
+        m.remove_wrappers_with_key(kind, key)
+    for kind, fn in wrappers.items():
+        m.add_wrapper_with_key(kind, key, fn)
+    return m
+
+
 def scoped_run(executor: Any, args: tuple, kwargs: dict, holder_key: str, run_key: str, start: Start) -> Any:
     """Run one sampling (OUTER_SAMPLE) with fresh per-run state.
 

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..kernels.adaspa import AdaSpa, AdaSpaConfig, AdaSpaStats
-from .runs import last_run_stats, scoped_run, step_index
+from .runs import last_run_stats, rewrap, scoped_run, step_index
 
 log = logging.getLogger("hasten")
 
@@ -148,16 +148,13 @@ def patch_model(model: Any, config: AdaSpaConfig) -> Any:
         raise UnsupportedModelError(msg)
     import comfy.patcher_extension as pe
 
-    m = model.clone()
-    m.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
-    m.remove_wrappers_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    m = rewrap(model, WRAPPER_KEY, {pe.WrappersMP.OUTER_SAMPLE: outer_sample_wrapper,
+                                     pe.WrappersMP.APPLY_MODEL: apply_model_wrapper})
     topts = m.model_options.setdefault("transformer_options", {})
     old = topts.get(HOLDER_KEY)
     previous = old.previous_override if old is not None else topts.get(OVERRIDE_KEY)
     topts[HOLDER_KEY] = SparseHolder(config, previous_override=previous)
     topts[OVERRIDE_KEY] = attention_override
-    m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
-    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
     return m
 
 
