@@ -4,96 +4,73 @@ Library use (diffusers)::
 
     import hasten
     pipe = hasten.load_embedded()            # or any diffusers pipeline
-    pipe.enable_easycache(threshold=0.2)     # enable_*/disable_* are added to every pipeline on import
-    frames = pipe(prompt="digit 3", negative_prompt="", height=32, width=32, num_frames=1).frames
+    pipe.enable_easycache(threshold=0.2)     # enable_*/disable_* are added to every pipeline
+    frames = pipe(prompt="digit 3").frames
     print(hasten.summary(pipe))
 
-The same folder is a ComfyUI custom-node pack: ComfyUI reads ``NODE_CLASS_MAPPINGS`` below.
+``import hasten`` imports nothing heavy: each public name loads its submodule on first use, diffusers
+only when you use it (the pipeline methods are added the moment diffusers' pipeline module loads). The same folder
+is a ComfyUI custom-node pack: ComfyUI calls ``comfy_entrypoint`` below.
 """
 
 from __future__ import annotations
 
-from .caches import EasyCache, EasyCacheConfig, RunStats
-from .errors import UnsupportedModelError
-from .quant import (
-    Int4WeightOnlyConfig,
-    Int8WeightOnlyConfig,
-    W8A8Config,
-    calibrate,
-    dequantize_,
-    load_quantized,
-    quantize_,
-    save_quantized,
-    weight_memory,
-)
-from .samplers.bottleneck import BottleneckConfig
-from .samplers.guidance import GuidanceConfig, LinearAGCoefficients
+import importlib
+from typing import Any
+
+from . import _lazy
+from .errors import UnsupportedModelError  # noqa: F401 (public; listed in __all__)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BottleneckConfig",
-    "EasyCache",
-    "EasyCacheConfig",
-    "GuidanceConfig",
-    "Int4WeightOnlyConfig",
-    "Int8WeightOnlyConfig",
-    "LinearAGCoefficients",
-    "RunStats",
-    "UnsupportedModelError",
-    "W8A8Config",
-    "__version__",
-    "calibrate",
-    "dequantize_",
-    "load_embedded",
-    "load_quantized",
-    "quantize_",
-    "save_quantized",
-    "weight_memory",
-]
-
-try:  # diffusers is a base dependency, but a ComfyUI install may lack it: the nodes still load.
-    import diffusers as _diffusers  # noqa: F401
-except ImportError:  # pragma: no cover - exercised only in ComfyUI-only environments
-    pass
-else:
-    from .pipelines import (
-        dequantize_pipeline,
-        disable_adaptive_guidance,
-        disable_bottleneck_sampling,
-        disable_easycache,
-        disable_sparse_attention,
-        enable_adaptive_guidance,
-        enable_bottleneck_sampling,
-        enable_easycache,
-        enable_sparse_attention,
-        features,
-        install_pipeline_methods,
-        quantize_pipeline,
-        stats,
-        summary,
-    )
-
-    install_pipeline_methods()
-    __all__ += [
+# Public names -> the submodule defining them; imported on first attribute access, so `import hasten`
+# (and the `hasten` command's --help) costs almost nothing, and diffusers loads only when used.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("EasyCache", "EasyCacheConfig", "RunStats"), "caches"),
+    **dict.fromkeys(("Int4WeightOnlyConfig", "Int8WeightOnlyConfig", "W8A8Config", "calibrate", "dequantize_",
+                     "load_quantized", "quantize_", "save_quantized", "weight_memory"), "quant"),
+    "BottleneckConfig": "samplers.bottleneck",
+    **dict.fromkeys(("GuidanceConfig", "LinearAGCoefficients"), "samplers.guidance"),
+    **dict.fromkeys((
         "dequantize_pipeline", "disable_adaptive_guidance", "disable_bottleneck_sampling", "disable_easycache",
         "disable_sparse_attention", "enable_adaptive_guidance", "enable_bottleneck_sampling", "enable_easycache",
-        "enable_sparse_attention", "features", "quantize_pipeline", "stats", "summary",
-    ]
+        "enable_sparse_attention", "features", "install_pipeline_methods", "quantize_pipeline", "stats", "summary",
+    ), "pipelines"),
+    **dict.fromkeys(("check", "check_path"), "pipelines.check"),
+}
+
+__all__ = sorted([*_EXPORTS, "UnsupportedModelError", "__version__", "load_embedded"])
 
 
-def load_embedded(*args, **kwargs):
-    """Load the embedded, trained digit model as a diffusers pipeline (offline)."""
+def __getattr__(name: str) -> Any:
+    """Import the submodule defining ``name`` on first use (PEP 562)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+def load_embedded(*args: Any, **kwargs: Any) -> Any:
+    """Load an embedded, trained model as a diffusers pipeline, offline, with its trained call defaults:
+    ``load_embedded()`` the digit image model, ``load_embedded("video")`` the moving-digit video model."""
     from .embedded import load_embedded as _load
 
     return _load(*args, **kwargs)
 
 
-# ComfyUI node pack entry points (empty when ComfyUI is not importable).
-try:
-    import comfy  # noqa: F401
-except ImportError:
-    NODE_CLASS_MAPPINGS: dict = {}
-    NODE_DISPLAY_NAME_MAPPINGS: dict = {}
-else:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F401
+# pipe.enable_easycache() & co. on every diffusers.DiffusionPipeline: now if diffusers' pipeline module is
+# loaded, else the moment it loads. Nothing of diffusers is imported here.
+_lazy.install_when_diffusers_loads()
+
+
+async def comfy_entrypoint() -> Any:
+    """ComfyUI's V3 entry point for this folder as a custom-node pack (imports the nodes only when called)."""
+    from .nodes import comfy_entrypoint as entry
+
+    return await entry()

@@ -22,6 +22,7 @@ __all__ = [
     "DigitClassifier",
     "digit_accuracy",
     "digit_classifier",
+    "read_digits",
     "frechet_distance",
     "lpips",
     "lpips_unavailable_reason",
@@ -132,13 +133,22 @@ def _digit_features(images: Any) -> np.ndarray:
 
 @dataclass
 class DigitClassifier:
-    """A one-hidden-layer MLP on 16x16 digits; its hidden ReLU activations are the Fréchet feature space."""
+    """Reads digits with an RBF support-vector machine on 16x16 grey pixels (``reader``); a one-hidden-layer MLP
+    fitted on the same data gives the Fréchet feature space (its hidden ReLU activations) and the
+    probabilities. Without a ``reader`` the MLP also reads.
+
+    ``holdout_accuracy`` is measured on 20% of the real digits kept out of training, as rendered;
+    ``holdout_accuracy_augmented`` on the same held-out digits shifted and scaled as the embedded model's
+    training data were (±2 px, ±10%).
+    """
 
     model: Any
     holdout_accuracy: float
+    holdout_accuracy_augmented: float = float("nan")
+    reader: Any = None
 
     def predict(self, images: Any) -> torch.Tensor:
-        return torch.from_numpy(self.model.predict(_digit_features(images))).long()
+        return torch.from_numpy((self.reader or self.model).predict(_digit_features(images))).long()
 
     def probabilities(self, images: Any) -> torch.Tensor:
         return torch.from_numpy(self.model.predict_proba(_digit_features(images))).float()
@@ -148,35 +158,71 @@ class DigitClassifier:
         return np.maximum(h, 0.0)
 
 
+# The classifier is trained wider than the model's own augmentation (±2 px, ±10%) so that a digit at the
+# edge of that range is still read with margin, and with soft strokes / dimmer ink (generated digits are
+# blurrier than the real ones).
+_TRAIN_SHIFT_PX = 3.0
+_TRAIN_SCALE = 0.15
+_TRAIN_COPIES = 4
+
+
+def _soften(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random blur (a 3x3 binomial kernel mixed in by a random amount) and ink gain in [0.8, 1.2]."""
+    k = torch.tensor([0.25, 0.5, 0.25])
+    blurred = F.conv2d(x, (k[:, None] * k[None])[None, None], padding=1)
+    a = torch.rand(len(x), 1, 1, 1, generator=gen)
+    gain = 0.8 + 0.4 * torch.rand(len(x), 1, 1, 1, generator=gen)
+    return ((a * blurred + (1 - a) * x) * gain).clamp(0, 1)
+
+
 @functools.lru_cache(maxsize=1)
 def digit_classifier(seed: int = 0) -> DigitClassifier:
-    """Fit (once per process) the digit classifier on augmented real digits; holds out 20% of originals."""
+    """Fit (once per process, ~20-30 s on one loaded core) the digit classifier on real digits plus shifted, scaled and
+    softened copies; 20% of the real digits are held out and scored plain and augmented."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
+    from sklearn.svm import SVC
+    from threadpoolctl import threadpool_limits
+
+    from .embedded.data import augment
 
     x, y = real_digits(augmented_copies=0)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     n_test = len(x) // 5
     test, train = perm[:n_test], perm[n_test:]
-    from .embedded.data import augment
-
     gen = torch.Generator().manual_seed(seed + 1)
-    xs = torch.cat([x[train]] + [augment(x[train], gen) for _ in range(3)])
-    ys = torch.cat([y[train]] * 4)
-    model = MLPClassifier(hidden_layer_sizes=(128,), max_iter=40, batch_size=128, learning_rate_init=2e-3,
+    copies = [_soften(augment(x[train], gen, shift=_TRAIN_SHIFT_PX, scale=_TRAIN_SCALE), gen)
+              for _ in range(_TRAIN_COPIES)]
+    xs = torch.cat([x[train], *copies])
+    ys = torch.cat([y[train]] * (1 + _TRAIN_COPIES))
+    model = MLPClassifier(hidden_layer_sizes=(128,), max_iter=30, batch_size=256, learning_rate_init=3e-3,
                           alpha=1e-3, random_state=seed)
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-
-    with warnings.catch_warnings():
+    # one BLAS thread: on a loaded 2-core box oversubscribed BLAS threads made this fit 4x slower
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(_digit_features(xs), ys.numpy())
-    acc = float((model.predict(_digit_features(x[test])) == y[test].numpy()).mean())
-    return DigitClassifier(model=model, holdout_accuracy=acc)
+        feats = _digit_features(xs)
+        model.fit(feats, ys.numpy())
+        # the SVM read the embedded model's baseline digits more reliably than the MLP (100% vs 92-100% of
+        # 50 images over fitting seeds) and fits in about half the time
+        reader = SVC(C=5.0, gamma="scale").fit(feats, ys.numpy())
+    clf = DigitClassifier(model=model, holdout_accuracy=0.0, reader=reader)
+    y_test = y[test]
+    clf.holdout_accuracy = float((clf.predict(x[test]) == y_test).float().mean())
+    x_aug = augment(x[test], torch.Generator().manual_seed(seed + 2))  # the embedded model's ±2 px, ±10%
+    clf.holdout_accuracy_augmented = float((clf.predict(x_aug) == y_test).float().mean())
+    return clf
+
+
+def read_digits(images: Any) -> list[int]:
+    """The digit the classifier reads in each image ("reads as N"): a per-image reading, not an accuracy."""
+    return [int(p) for p in digit_classifier().predict(images).tolist()]
 
 
 def digit_accuracy(images: Any, targets: Sequence[int] | torch.Tensor) -> dict[str, Any]:
-    """Fraction of images the classifier reads as their prompted digit, overall and per class (0..9)."""
+    """Fraction of a *set* of images the classifier reads as their prompted digit, overall and per class
+    (0..9). For one image, report :func:`read_digits` ("reads as N") instead of a 0%/100% accuracy."""
     targets = torch.as_tensor(list(targets) if not isinstance(targets, torch.Tensor) else targets).long()
     pred = digit_classifier().predict(images)
     if len(pred) != len(targets):

@@ -17,11 +17,12 @@ class ComfyTarget:
     """What the bench runner drives: a ComfyUI MODEL (patched per variant) plus the network to count on."""
 
     def __init__(self, base_dir: Path | None = None) -> None:
-        from ..nodes.embedded import load_comfy_model
         from .comfy_engine import start
 
         self.env = start(Path(base_dir or tempfile.mkdtemp(prefix="hasten-comfy-")))
         import comfy.utils
+
+        from ..nodes.embedded import load_comfy_model  # needs the engine on sys.path (start above)
 
         comfy.utils.PROGRESS_BAR_ENABLED = False  # the bench has its own progress bar
         self.base = load_comfy_model()
@@ -33,13 +34,15 @@ class ComfyTarget:
         """KSampler on ``self.model`` for one image per digit; returns (B, 3, H, W) images in [0, 1]."""
         from ..nodes.embedded import HastenDecodeDigits, HastenDigitPrompt, HastenEmptyDigitLatent
 
-        enc = HastenDigitPrompt()
-        pos = [[torch.cat([enc.encode(f"digit {d}")[0][0][0] for d in digits]), {}]]
-        neg = [[torch.cat([enc.encode("")[0][0][0]] * len(digits)), {}]]
-        lat = HastenEmptyDigitLatent().make(32, len(digits))[0]
+        def enc(text: str) -> torch.Tensor:
+            return HastenDigitPrompt.execute(text).result[0][0][0]
+
+        pos = [[torch.cat([enc(f"digit {d}") for d in digits]), {}]]
+        neg = [[torch.cat([enc("")] * len(digits)), {}]]
+        lat = HastenEmptyDigitLatent.execute(32, len(digits)).result[0]
         (out,) = self.env.nodes.KSampler().sample(self.model, seed, steps, cfg, sampler, scheduler, pos, neg, lat,
                                                   denoise=1.0)
-        return HastenDecodeDigits().decode(out)[0].permute(0, 3, 1, 2).contiguous()
+        return HastenDecodeDigits.execute(out).result[0].permute(0, 3, 1, 2).contiguous()
 
 
 def _node_variant(name: str, settings: dict[str, Any], make) -> Variant:
@@ -70,11 +73,11 @@ def comfy_hasten_easycache(threshold: float) -> Variant:
     """hasten's "EasyCache (hasten)" node, as loaded by ComfyUI from the node pack."""
 
     def make(t: ComfyTarget) -> Any:
-        node = t.env.nodes.NODE_CLASS_MAPPINGS["HastenEasyCache"]()
+        node = t.env.nodes.NODE_CLASS_MAPPINGS["HastenEasyCache"]
         from ..caches import EasyCacheConfig
 
         d = EasyCacheConfig()
-        return node.patch(t.base, threshold, d.warmup, d.end, d.max_consecutive_reuse)[0]
+        return node.execute(t.base, threshold, d.warmup, d.end, d.max_consecutive_reuse).result[0]
 
     return _node_variant(f"comfyui-hasten-easycache@{threshold:g}", {"reuse_threshold": threshold}, make)
 

@@ -163,7 +163,8 @@ def run_bench(
         if all_targets is not None:
             acc = metrics.digit_accuracy(images[i], all_targets)
             row.accuracy, row.per_class = acc["accuracy"], acc["per_class"]
-            row.frechet = metrics.frechet_distance(images[i])
+            # a Fréchet distance needs >= 2 images (a covariance): left empty for one-image benches
+            row.frechet = metrics.frechet_distance(images[i]) if len(images[i]) >= 2 else None
     return rows
 
 

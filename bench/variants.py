@@ -250,4 +250,6 @@ def preset(name: str, steps: int) -> list[Variant]:
             diffusers_magcache(0.06, steps), diffusers_magcache(0.12, steps), diffusers_magcache(0.24, steps),
             cache_dit_dbcache(0.08), cache_dit_dbcache(0.16), cache_dit_dbcache(0.3),
         ]
-    raise ValueError(f"unknown preset {name!r}; choose one of: quick, easycache, families, peers, default")
+    from .cli import PRESETS
+
+    raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")

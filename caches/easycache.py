@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..validation import check_bool, check_float, check_int
 from .base import BranchKey, BranchStats, RunStats, mean_abs
 
 
@@ -50,16 +51,15 @@ class EasyCacheConfig:
     sync_branches: bool = True
 
     def __post_init__(self) -> None:
-        if not (self.threshold >= 0 and math.isfinite(self.threshold)):
-            raise ValueError(f"EasyCacheConfig.threshold must be a finite number >= 0, got {self.threshold}")
-        if not 0.0 <= self.warmup <= 1.0:
-            raise ValueError(f"EasyCacheConfig.warmup must be in [0, 1], got {self.warmup}")
-        if not 0.0 <= self.end <= 1.0:
-            raise ValueError(f"EasyCacheConfig.end must be in [0, 1], got {self.end}")
+        own = "EasyCacheConfig"
+        self.threshold = check_float(own, "threshold", self.threshold, lo=0.0)
+        self.warmup = check_float(own, "warmup", self.warmup, lo=0.0, hi=1.0)
+        self.end = check_float(own, "end", self.end, lo=0.0, hi=1.0)
         if self.end < self.warmup:
             raise ValueError(f"EasyCacheConfig.end ({self.end}) must be >= warmup ({self.warmup})")
-        if self.final_steps < 0 or self.max_consecutive_reuse < 0:
-            raise ValueError("EasyCacheConfig.final_steps and max_consecutive_reuse must be >= 0")
+        self.final_steps = check_int(own, "final_steps", self.final_steps, lo=0)
+        self.max_consecutive_reuse = check_int(own, "max_consecutive_reuse", self.max_consecutive_reuse, lo=0)
+        self.sync_branches = check_bool(own, "sync_branches", self.sync_branches)
 
 
 @dataclass

@@ -25,20 +25,28 @@ MAX_SEQUENCE_LENGTH = 512  # WanPipeline pads every prompt embedding to this man
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output folder (diffusers layout)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=500)
-    parser.add_argument("--vae-batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=3000, help="transformer training steps")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=32)
-    parser.add_argument("--ffn", type=int, default=512)
-    parser.add_argument("--dropout", type=float, default=0.12, help="probability of training on the empty prompt")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--eval-samples", type=int, default=10, help="samples per digit in the final check")
+    from ..cli import nonneg_float, nonneg_int, positive_int
+
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder in diffusers layout (default: ./embedded-weights; with --eval-only: "
+                             "the shipped weights)")
+    parser.add_argument("--video", action="store_true",
+                        help="train the moving-digit video model instead (its options: hasten train-embedded --video --help)")
+    parser.add_argument("--overwrite-shipped", action="store_true",
+                        help="allow --out to be the weights shipped inside the package (replaces them)")
+    parser.add_argument("--seed", type=nonneg_int, default=0)
+    parser.add_argument("--vae-steps", type=positive_int, default=500)
+    parser.add_argument("--vae-batch", type=positive_int, default=32)
+    parser.add_argument("--steps", type=positive_int, default=3000, help="transformer training steps")
+    parser.add_argument("--batch", type=positive_int, default=64)
+    parser.add_argument("--lr", type=nonneg_float, default=1e-3)
+    parser.add_argument("--layers", type=positive_int, default=4)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--head-dim", type=positive_int, default=32)
+    parser.add_argument("--ffn", type=positive_int, default=512)
+    parser.add_argument("--dropout", type=nonneg_float, default=0.12, help="probability of training on the empty prompt")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
+    parser.add_argument("--eval-samples", type=positive_int, default=10, help="samples per digit in the final check")
     parser.add_argument("--eval-only", action="store_true",
                         help="do not train: re-score the weights in --out at the current defaults and update the record")
 
@@ -283,12 +291,18 @@ def rescore(out: Path, per_class: int) -> int:
 def run(args: argparse.Namespace) -> int:
     from diffusers import WanPipeline
 
+    from ..cli import UserError, writable_dir
+
     torch.set_num_threads(args.threads)
     if args.eval_only:
-        return rescore(args.out, args.eval_samples)
+        return rescore(args.out or WEIGHTS_DIR, args.eval_samples)
+    out = Path(args.out or "embedded-weights")
+    if out.resolve() == WEIGHTS_DIR.resolve() and not args.overwrite_shipped:
+        raise UserError(f"--out {out} is the shipped weights folder; training would replace them. "
+                        "Pass another --out, or --overwrite-shipped if that is what you want.")
+    writable_dir(out)
+    print(f"training into {out.resolve()}", flush=True)
     torch.manual_seed(args.seed)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     lines: list[str] = []
 

@@ -35,7 +35,7 @@ HOPPER_SPARSE_CONFIGS = [
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Out, LSE, KV_NUM, KV_IDX, KV_LEN,
+    Q, K, V, Out, LSE, KV_NUM, KV_IDX, KV_OK,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -43,9 +43,10 @@ def _attn_fwd(
     s_lb, s_lh,
     s_nb, s_nh, s_nm,
     s_ib, s_ih, s_im,
+    s_okb,
     H, SEQ_Q, SEQ_K, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, HAS_KV_LEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, HAS_KV_MASK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -56,8 +57,6 @@ def _attn_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     seq_k = SEQ_K
-    if HAS_KV_LEN:  # keys past this row's length are padding (e.g. HunyuanVideo's text padding)
-        seq_k = tl.load(KV_LEN + b)
     q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < SEQ_Q) & d_ok[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -75,6 +74,8 @@ def _attn_fwd(
             start_n = it * BLOCK_N
         kn = start_n + offs_n
         n_ok = kn < seq_k
+        if HAS_KV_MASK:  # per-row key-padding mask (text padding of joint attention)
+            n_ok = n_ok & (tl.load(KV_OK + b * s_okb + kn, mask=n_ok, other=0) != 0)
         k = tl.load(
             K + b * s_kb + h * s_kh + kn[None, :] * s_kn + offs_d[:, None] * s_kd,
             mask=n_ok[None, :] & d_ok[:, None], other=0.0,
@@ -92,7 +93,8 @@ def _attn_fwd(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    acc = acc / l_i[:, None]
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a query that sees no valid key: output 0 (as PyTorch SDPA)
+    acc = acc / l_safe[:, None]
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
     o_ptrs = Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < SEQ_Q) & d_ok[None, :])
@@ -116,11 +118,13 @@ def attention_fwd(
     scale: float,
     kv_num_blocks: torch.Tensor | None = None,
     kv_indices: torch.Tensor | None = None,
-    kv_lens: torch.Tensor | None = None,
+    kv_mask: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel on (B, H, S, D) tensors; sparse when ``kv_num_blocks``/``kv_indices`` are given.
+
+    ``kv_mask`` (B, S_k) bool: False keys are padding for that batch row (ignored by every query).
 
     Dense launches on GPU are autotuned over :data:`HOPPER_DENSE_CONFIGS`; under the interpreter (or when
     ``block_m``/``block_n`` are given) a fixed tile is used.
@@ -139,16 +143,20 @@ def attention_fwd(
     else:
         num = idx = torch.zeros((1, 1, 1, 1), device=q.device, dtype=torch.int32)
     block_d = max(16, triton.next_power_of_2(D))
-    lens = kv_lens.to(device=q.device, dtype=torch.int32) if kv_lens is not None else num
+    if kv_mask is not None:
+        ok = kv_mask.to(device=q.device, dtype=torch.int8).contiguous()
+    else:
+        ok = torch.zeros((1, 1), device=q.device, dtype=torch.int8)
     args = (
-        q, k, v, out, lse, num, idx, lens,
+        q, k, v, out, lse, num, idx, ok,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         lse.stride(0), lse.stride(1),
         num.stride(0), num.stride(1), num.stride(2),
         idx.stride(0), idx.stride(1), idx.stride(2),
+        ok.stride(0),
         H, Sq, Sk, scale * LOG2E,
     )
-    common = {"HEAD_DIM": D, "BLOCK_D": block_d, "SPARSE": sparse, "HAS_KV_LEN": kv_lens is not None}
+    common = {"HEAD_DIM": D, "BLOCK_D": block_d, "SPARSE": sparse, "HAS_KV_MASK": kv_mask is not None}
     if sparse:
         bm, bn = block_m, block_n
         grid = (triton.cdiv(Sq, bm), B * H)

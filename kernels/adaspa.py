@@ -21,15 +21,20 @@ from typing import Any
 
 import torch
 
+from ..validation import check_bool, check_choice, check_float, check_int
 from .block_sparse import BlockSparsePattern, block_sparse_attention
-from .flash_attention import flash_attention
+from .flash_attention import flash_attention, triton_problem
 
 DenseRanges = tuple[tuple[int, int], ...]
 
 
 @dataclass
 class AdaSpaConfig:
-    """Settings of the adaptive sparse attention; ``target_mass=1.0`` or ``enabled=False`` is off (dense)."""
+    """Settings of the adaptive sparse attention; ``target_mass=1.0`` or ``enabled=False`` is off (dense).
+
+    ``backend``: "auto" (Triton kernels on CUDA, PyTorch elsewhere), "torch", or "triton" (refused here,
+    at config time, on a machine that cannot run it: no GPU and no ``TRITON_INTERPRET=1``).
+    """
 
     target_mass: float = 0.95
     block_size: int = 64
@@ -42,20 +47,23 @@ class AdaSpaConfig:
     measure_error: bool = False  # diagnostics: also run dense at sparse steps, record relative error per layer
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.target_mass <= 1.0:
-            raise ValueError(f"target_mass must be in (0, 1] (1.0 = dense), got {self.target_mass}")
-        if self.block_size < 16 or self.block_size > 256 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two in [16, 256], got {self.block_size}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.refresh_every < 0:
-            raise ValueError(f"refresh_every must be >= 0 (0 = never refresh), got {self.refresh_every}")
-        if self.min_seq_len < 0:
-            raise ValueError(f"min_seq_len must be >= 0, got {self.min_seq_len}")
-        if self.max_refine_rounds < 0:
-            raise ValueError(f"max_refine_rounds must be >= 0, got {self.max_refine_rounds}")
-        if self.backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {self.backend!r}")
+        own = "AdaSpaConfig"
+        self.target_mass = check_float(own, "target_mass", self.target_mass, lo=0.0, hi=1.0, lo_open=True)
+        self.block_size = check_int(own, "block_size", self.block_size, lo=16, hi=256)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"{own}.block_size must be a power of two in [16, 256], got {self.block_size}")
+        self.warmup_steps = check_int(own, "warmup_steps", self.warmup_steps, lo=0)
+        self.refresh_every = check_int(own, "refresh_every", self.refresh_every, lo=0)
+        self.min_seq_len = check_int(own, "min_seq_len", self.min_seq_len, lo=0)
+        self.max_refine_rounds = check_int(own, "max_refine_rounds", self.max_refine_rounds, lo=0, hi=64)
+        self.enabled = check_bool(own, "enabled", self.enabled)
+        self.measure_error = check_bool(own, "measure_error", self.measure_error)
+        self.backend = check_choice(own, "backend", self.backend, ("auto", "triton", "torch"))
+        if self.backend == "triton":
+            problem = triton_problem()
+            if problem:
+                raise ValueError(f"{own}.backend='triton' cannot run on this machine: {problem}. "
+                                 "Use backend='auto' (Triton on CUDA, PyTorch elsewhere) or 'torch'.")
 
     @property
     def off(self) -> bool:
@@ -112,6 +120,7 @@ def block_coverage(lse_sparse: torch.Tensor, lse_dense: torch.Tensor, block_size
 def search_pattern(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse_dense: torch.Tensor, config: AdaSpaConfig,
     dense_ranges: DenseRanges = (), scale: float | None = None, kv_lens: torch.Tensor | None = None,
+    kv_mask: torch.Tensor | None = None,
 ) -> tuple[BlockSparsePattern, torch.Tensor]:
     """Hierarchical search (coarse pooled ranking, exact LSE-based coverage); returns (pattern, coverage)."""
     bs, target = config.block_size, config.target_mass
@@ -126,14 +135,53 @@ def search_pattern(
         mask = select_blocks(est, threshold) | kd
         mask[:, :, qd, :] = True
         pattern = BlockSparsePattern.from_block_mask(mask, bs, Sq, Sk)
-        _, lse_sparse = block_sparse_attention(q, k, v, pattern, s, config.backend, kv_lens)
-        coverage = block_coverage(lse_sparse, lse_dense, bs)
+        _, lse_sparse = block_sparse_attention(q, k, v, pattern, s, config.backend, kv_lens, kv_mask)
+        coverage = block_coverage(lse_sparse, lse_dense, bs)  # NaN where every query of a block sees no key
         short = coverage < target - 1e-6
         if rnd == final or not bool(short.any()):
             break
         raised = torch.ones_like(threshold) if rnd + 1 == final else 1 - (1 - threshold) / 4
         threshold = torch.where(short, raised, threshold)
     return pattern, coverage
+
+
+def key_padding_mask(mask: torch.Tensor, shape: tuple[int, int, int, int]
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """Split an SDPA ``attn_mask`` for (B, H, S_q, S_k) attention into a key-padding mask.
+
+    Returns ``(kv_mask (B, S_k) | None, q_valid (B, H or 1, S_q) | None)`` when the mask is "key j is padding
+    for row b" (the same for every head and query) possibly combined with "query i is padding" (a fully
+    masked query outputs 0, as PyTorch's SDPA does), as text padding makes; None for any other mask.
+    """
+    B, H, Sq, Sk = shape
+    m = mask
+    if m.ndim > 4 or m.shape[-1] != Sk:
+        return None
+    while m.ndim < 4:
+        m = m.unsqueeze(0)
+    try:
+        torch.broadcast_shapes(m.shape, shape)
+    except RuntimeError:
+        return None
+    if m.dtype == torch.bool:
+        valid = m
+    elif m.is_floating_point():
+        valid = m == 0
+        if not bool(((m == 0) | (m < -1e4)).all()):
+            return None  # a real bias, not a mask
+    else:
+        return None
+    kv = valid.any(dim=2)  # (Bm, Hm, Sk)
+    qv = valid.any(dim=3)  # (Bm, Hm, Sqm)
+    if not bool((kv == kv[:, :1]).all()) or not torch.equal(valid, qv[..., None] & kv[..., None, :]):
+        return None
+    if not valid.dtype == torch.bool or (mask.dtype != torch.bool and not bool(qv.all())):
+        return None  # a float mask with a fully masked query: SDPA averages, not zero; leave it dense
+    kv_mask = None if bool(kv.all()) else kv[:, 0].expand(B, Sk)
+    q_valid = None if bool(qv.all()) else qv.expand(B, qv.shape[1], Sq) if qv.shape[2] == Sq else None
+    if q_valid is None and not bool(qv.all()):
+        return None
+    return kv_mask, q_valid
 
 
 def stack_patterns(patterns: list[BlockSparsePattern]) -> BlockSparsePattern:
@@ -147,26 +195,45 @@ def stack_patterns(patterns: list[BlockSparsePattern]) -> BlockSparsePattern:
 
 @dataclass
 class AdaSpaStats:
-    """What the policy did during one run: calls by kind, and the latest density/coverage per layer."""
+    """What the policy did during one run: self-attention calls by kind, blocks kept, per-layer density.
+
+    ``fallbacks`` counts self-attention calls the adapter had to leave dense, by reason (a general mask,
+    dropout, a causal or context-parallel call, a processor whose attention hasten cannot reach): they are
+    never silent.
+    """
 
     dense_calls: int = 0
     search_calls: int = 0
     sparse_calls: int = 0
+    blocks_kept: int = 0  # visited (query block, key block) pairs over the sparse calls
+    blocks_total: int = 0  # all pairs those calls would visit dense
+    fallbacks: dict[str, int] = field(default_factory=dict)
     layers: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> (density, min coverage)
     errors: dict[str, float] = field(default_factory=dict)  # layer -> max ||sparse - dense|| / ||dense||
+
+    @property
+    def calls(self) -> int:
+        return self.dense_calls + self.search_calls + self.sparse_calls + sum(self.fallbacks.values())
 
     def mean_density(self) -> float | None:
         return sum(d for d, _ in self.layers.values()) / len(self.layers) if self.layers else None
 
     def summary(self) -> str:
+        kept = (f", blocks kept {self.blocks_kept}/{self.blocks_total} "
+                f"({self.blocks_kept / self.blocks_total:.0%})") if self.blocks_total else ""
         dens = self.mean_density()
-        tail = f", mean block density {dens:.2f}" if dens is not None else ""
+        tail = f", mean searched density {dens:.2f}" if dens is not None else ""
+        fb = "".join(f", {n} dense ({why})" for why, n in sorted(self.fallbacks.items()))
         return (f"sparse attention: {self.sparse_calls} sparse, {self.search_calls} search, "
-                f"{self.dense_calls} dense calls{tail}")
+                f"{self.dense_calls} dense calls{fb}{kept}{tail}")
 
 
 class AdaSpa:
-    """Per-run state: patterns keyed by (layer, branch), searched after warm-up and refreshed at a cadence."""
+    """Per-run state: patterns keyed by (layer, branch), searched after warm-up and refreshed at a cadence.
+
+    A pattern is only reused for the same head count, token count and block size: a resolution change
+    (bottleneck sampling, another call size) searches anew instead of reusing a stale pattern.
+    """
 
     def __init__(self, config: AdaSpaConfig | None = None) -> None:
         self.config = config or AdaSpaConfig()
@@ -178,10 +245,17 @@ class AdaSpa:
         self.patterns = {}
         self.stats = AdaSpaStats()
 
-    def end_run(self) -> None:
-        if self.stats.dense_calls or self.stats.search_calls or self.stats.sparse_calls:
-            self.last_run = self.stats
+    def end_run(self) -> AdaSpaStats | None:
+        """Close the run; returns its statistics if it made any attention call (else None)."""
+        done = self.stats if self.stats.calls else None
+        if done is not None:
+            self.last_run = done
         self.begin_run()
+        return done
+
+    def fallback(self, reason: str) -> None:
+        """Count a self-attention call the adapter had to run dense (``reason`` says why)."""
+        self.stats.fallbacks[reason] = self.stats.fallbacks.get(reason, 0) + 1
 
     def is_search_step(self, step: int) -> bool:
         c = self.config
@@ -199,33 +273,43 @@ class AdaSpa:
     def attend(
         self, layer: Any, rows: list[Any], step: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scale: float | None = None, dense_ranges: DenseRanges = (), kv_lens: torch.Tensor | None = None,
+        kv_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Attention for (B, H, S, D) ``q, k, v`` whose batch rows are branches ``rows``; None = run dense.
 
-        ``kv_lens`` (B,) optionally marks trailing keys of each row as padding (key-padding masks).
+        The caller decides what is self-attention (queries and keys may differ in count when extra keys
+        are appended, e.g. text keys in ``dense_ranges``); cross-attention should not be sent here.
+
+        ``kv_lens`` (B,) / ``kv_mask`` (B, S) optionally mark padding keys of each row (key-padding masks).
         """
         decision = self.decide(step, k.shape[2])
-        if decision == "dense" or q.shape[2] != k.shape[2]:
+        if decision == "dense":
             self.stats.dense_calls += 1
             return None
         keys = [(layer, r) for r in rows]
-        shape = (q.shape[1], q.shape[2], self.config.block_size)
+        shape = (q.shape[1], q.shape[2], k.shape[2], self.config.block_size)
         have = [self.patterns.get(key) for key in keys]
-        if decision == "sparse" and all(
-            p is not None and (p.kv_num_blocks.shape[1], p.seq_q, p.block_size) == shape for p in have
-        ):
+        fits = [p is not None and (p.kv_num_blocks.shape[1], p.seq_q, p.seq_k, p.block_size) == shape for p in have]
+        for key, p, ok in zip(keys, have, fits):
+            if p is not None and not ok:  # the resolution changed: the old pattern is of no use any more
+                del self.patterns[key]
+        if decision == "sparse" and all(fits):
+            pattern = stack_patterns(have)
             self.stats.sparse_calls += 1
-            out, _ = block_sparse_attention(q, k, v, stack_patterns(have), scale, self.config.backend, kv_lens)
+            self.stats.blocks_kept += int(pattern.kv_num_blocks.sum().item())
+            self.stats.blocks_total += pattern.kv_num_blocks.numel() * pattern.num_key_blocks
+            out, _ = block_sparse_attention(q, k, v, pattern, scale, self.config.backend, kv_lens, kv_mask)
             if self.config.measure_error:
-                ref, _ = flash_attention(q, k, v, scale, self.config.backend, kv_lens=kv_lens)
+                ref, _ = flash_attention(q, k, v, scale, self.config.backend, kv_lens=kv_lens, kv_mask=kv_mask)
                 err = float(((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item())
                 self.stats.errors[str(layer)] = max(err, self.stats.errors.get(str(layer), 0.0))
             return out
         # search: a dense pass with exact LSE, then the pattern for the following steps
         self.stats.search_calls += 1
-        out, lse = flash_attention(q, k, v, scale, self.config.backend, kv_lens=kv_lens)
-        pattern, coverage = search_pattern(q, k, v, lse, self.config, dense_ranges, scale, kv_lens)
+        out, lse = flash_attention(q, k, v, scale, self.config.backend, kv_lens=kv_lens, kv_mask=kv_mask)
+        pattern, coverage = search_pattern(q, k, v, lse, self.config, dense_ranges, scale, kv_lens, kv_mask)
         for i, key in enumerate(keys):
             self.patterns[key] = pattern.select([i])
-        self.stats.layers[str(layer)] = (pattern.density(), float(coverage.min().item()))
+        cov = coverage[~coverage.isnan()]
+        self.stats.layers[str(layer)] = (pattern.density(), float(cov.min().item()) if cov.numel() else 1.0)
         return out

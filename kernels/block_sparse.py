@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flash_attention import _scale, key_padding, pick_backend, triton_module
+from .flash_attention import _scale, key_valid, pick_backend, triton_module
 
 
 @dataclass
@@ -85,10 +85,12 @@ class BlockSparsePattern:
 def block_sparse_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
     scale: float | None = None, max_elems: int = 1 << 25, kv_lens: torch.Tensor | None = None,
+    kv_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch block-sparse attention ``(out, lse)``: gathers only the listed key/value blocks per query block.
 
-    ``kv_lens`` (B,) optionally marks trailing keys of each batch row as padding.
+    ``kv_lens`` (B,) optionally marks trailing keys of each batch row as padding; ``kv_mask`` (B, S_k)
+    bool marks any padding keys (False).
     """
     s = _scale(q, scale)
     B, H, Sq, D = q.shape
@@ -98,7 +100,7 @@ def block_sparse_reference(
     kb_ = torch.nn.functional.pad(k.float(), (0, 0, 0, pad_k)).view(B, H, KB, bs, D)
     vb_ = torch.nn.functional.pad(v.float(), (0, 0, 0, pad_k)).view(B, H, KB, bs, D)
     qb_ = torch.nn.functional.pad(q.float(), (0, 0, 0, QB * bs - Sq)).view(B, H, QB, bs, D)
-    valid = key_padding(kv_lens, Sk, q.device)
+    valid = key_valid(kv_lens, kv_mask, Sk, q.device)
     tok_ok = torch.nn.functional.pad(valid.view(B, 1, Sk), (0, pad_k)) if valid is not None else \
         (torch.arange(KB * bs, device=q.device) < Sk).view(1, 1, KB * bs)
     tok_ok = tok_ok.view(-1, KB, bs)  # (B or 1, KB, bs)
@@ -127,14 +129,19 @@ def block_sparse_reference(
 def block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
     scale: float | None = None, backend: str = "auto", kv_lens: torch.Tensor | None = None,
+    kv_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse attention ``(out, lse)`` on (B, H, S, D); Triton on CUDA when available, else PyTorch."""
+    """Block-sparse attention ``(out, lse)`` on (B, H, S, D); Triton on CUDA when available, else PyTorch.
+
+    ``kv_lens`` / ``kv_mask`` mark padding keys as in :func:`hasten.kernels.flash_attention.flash_attention`.
+    """
     if (q.shape[2], k.shape[2]) != (pattern.seq_q, pattern.seq_k):
         raise ValueError(f"pattern is for {pattern.seq_q}x{pattern.seq_k} tokens, got {q.shape[2]}x{k.shape[2]}")
     if pick_backend(q, backend) == "triton":
         mod = triton_module()
         assert mod is not None
         bs = pattern.block_size
+        valid = key_valid(kv_lens, kv_mask, k.shape[2], q.device)
         return mod.attention_fwd(q, k, v, _scale(q, scale), pattern.kv_num_blocks.to(q.device),
-                                 pattern.kv_indices.to(q.device), kv_lens=kv_lens, block_m=bs, block_n=bs)
-    return block_sparse_reference(q, k, v, pattern, scale, kv_lens=kv_lens)
+                                 pattern.kv_indices.to(q.device), kv_mask=valid, block_m=bs, block_n=bs)
+    return block_sparse_reference(q, k, v, pattern, scale, kv_lens=kv_lens, kv_mask=kv_mask)

@@ -1,7 +1,7 @@
 """Quantized GEMMs for hasten's quantized linears: fused dequantize-GEMM for int8 / int4 weights and an
 int8 x int8 GEMM for W8A8, each as a Triton kernel (GPU) with the PyTorch reference right beside it.
 
-Layouts (shared with :mod:`hasten.quant.linear`):
+Layouts (shared with the weight classes of :mod:`hasten.quant.int8`, :mod:`~hasten.quant.int4` and :mod:`~hasten.quant.w8a8`):
 
 * int8 weight-only: ``q`` int8 ``[N, K]``, ``scale`` ``[N]``; ``W = q * scale[:, None]``.
 * int4 weight-only: ``packed`` uint8 ``[N, K // 2]`` (column ``2j`` in the low nibble, ``2j + 1`` in the

@@ -6,6 +6,10 @@ MMDiT never calls in ComfyUI 0.3.x). ``apply_model`` returns the *denoised* esti
 the network's own space instead (network input ``calculate_input(sigma, x)`` and raw network output),
 which is what the paper measures. ``calculate_denoised`` is affine in the network output for every
 ModelSampling, so ``denoised = a + b * raw`` with ``a``/``b`` probed per call.
+
+ComfyUI sends all CFG chunks and all images of a KSampler call as one batch; each row is its own branch,
+and only the rows that need a forward go through the network (a sub-batch that keeps ComfyUI's
+even chunk layout), so a reuse really saves work even when the rows of the batch decide differently.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from typing import Any
 import torch
 
 from ..caches import EasyCache, EasyCacheConfig, RunStats, run_cached
-from .runs import last_run_stats, num_steps_of, rewrap, scoped_run, step_index
+from .runs import ROWS_KEY, batch_rows, last_run_stats, num_steps_of, rewrap, scoped_run, step_index
+from .schema import CATEGORY, advanced, io
 
 log = logging.getLogger("hasten")
+NAME = "EasyCache (hasten)"
 
 WRAPPER_KEY = "hasten_easycache"
 HOLDER_KEY = "hasten_easycache"  # transformer_options entry: the node's settings and last stats
@@ -37,6 +43,10 @@ class EasyCacheHolder:
     last_run: RunStats | None = None
     notes: list[str] = field(default_factory=list)  # fallbacks taken (logged once each)
 
+    def stats_text(self) -> str | None:
+        """The last run's statistics as one line (None before the first run)."""
+        return None if self.last_run is None else run_text(self.last_run)
+
     def note_once(self, message: str) -> None:
         if message not in self.notes:
             self.notes.append(message)
@@ -50,6 +60,15 @@ class _Run:
     holder: EasyCacheHolder
     cache: EasyCache
     num_steps: int
+
+
+def run_text(result: RunStats, verbose: bool = False) -> str:
+    """A run's statistics as the node reports them (log line and Run Stats node)."""
+    text = (f"{NAME}: {result.computed}/{result.calls} branch forwards computed, {result.reused} reused "
+            f"(estimated {result.estimated_speedup:.2f}x, {result.num_steps} steps)")
+    if verbose:
+        text += "\n" + "\n".join(result.summary().splitlines()[1:])
+    return text
 
 
 def stats(model: Any) -> RunStats | None:
@@ -70,11 +89,11 @@ def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
             result = cache.end_run()
             if result.calls:
                 holder.last_run = result
-                if holder.verbose:
-                    log.info("%s", result.summary())
-                else:
-                    log.info("EasyCache (hasten): %d/%d branch forwards computed (%.2fx)", result.computed,
-                             result.calls, result.estimated_speedup)
+                log.info("%s", run_text(result, holder.verbose))
+                if result.reused == 0 and holder.config.threshold > 0:
+                    log.warning("%s: nothing reused at reuse_threshold %g over %s steps (raise the threshold, "
+                                "lower start_percent or use more steps)", NAME, holder.config.threshold,
+                                result.num_steps)
 
         return _Run(holder, cache, num_steps), finish
 
@@ -133,8 +152,8 @@ def apply_model_wrapper(executor: Any, x: torch.Tensor, t: torch.Tensor, c_conca
         return call_all()
     a, b = affine
     xc = ms.calculate_input(t, x)
-    keys = [(uuids[i // per], i % per) for i in range(batch)]
-    labels = [f"{'cond' if cond_or_uncond[i // per] == 0 else 'uncond'}[{i % per}]" for i in range(batch)]
+    keys = batch_rows(topts, batch)
+    labels = [f"{'cond' if cond_or_uncond[i // per] == 0 else 'uncond'}[{k[1]}]" for i, k in enumerate(keys)]
     step = step_index(topts.get("sample_sigmas"), t[0], run.num_steps)
     denoised_parts: dict[int, torch.Tensor] = {}
     full: list[torch.Tensor] = []
@@ -144,18 +163,27 @@ def apply_model_wrapper(executor: Any, x: torch.Tensor, t: torch.Tensor, c_conca
             out = call_all()
             full.append(out)
             return (out - a) / b
+        # ComfyUI batches [chunk 0 rows | chunk 1 rows | ...] (one chunk per cond/uncond entry), each chunk
+        # the same size: keep the chunks with a row to compute and, inside each, the same row positions (the
+        # union over chunks), so the sub-batch is still evenly chunked and only those rows go through.
         chunks = sorted({r // per for r in rows})
-        sub_rows = [c * per + j for c in chunks for j in range(per)]
+        inner = sorted({r % per for r in rows})
+        sub_rows = [c * per + j for c in chunks for j in inner]
         sliced: dict[str, Any] = {}
         ok = control is None
         for name, v in (("c_concat", c_concat), ("c_crossattn", c_crossattn), *kwargs.items()):
             if not ok:
                 break
             ok, sliced[name] = _slice_rows(v, sub_rows, batch)
-        if ok and len(chunks) < len(uuids):
+        if not ok:
+            holder.note_once("an input of this model cannot be split by batch row; computing the whole batch "
+                             f"when any row needs it (inputs: {sorted(kwargs)}, control: {control is not None})")
+        if ok and len(sub_rows) < batch:
             sub_opts = dict(topts)
             sub_opts["uuids"] = [uuids[c] for c in chunks]
             sub_opts["cond_or_uncond"] = [cond_or_uncond[c] for c in chunks]
+            # the original in-chunk row of each sub-batch row, for per-row state below
+            sub_opts[ROWS_KEY] = [keys[j][1] for j in inner]
             c_cat, c_cross = sliced.pop("c_concat"), sliced.pop("c_crossattn")
             out = executor(x[sub_rows], t[sub_rows], c_cat, c_cross, control, sub_opts, **sliced)
         else:
@@ -184,9 +212,9 @@ def _check_hookable(model: Any) -> None:
     if missing or not hasattr(model, "add_wrapper_with_key"):
         from ..errors import UnsupportedModelError
 
-        msg = (f"EasyCache (hasten) cannot hook {type(inner).__name__}: it needs a ComfyUI diffusion MODEL "
-               f"(comfy.model_base.BaseModel with model_sampling, e.g. SD1.x/SDXL/SD3/Flux/Wan); "
-               f"missing {missing or ['add_wrapper_with_key']}")
+        msg = (f"{NAME} cannot hook {type(inner).__name__}: it needs a ComfyUI diffusion MODEL "
+               f"(comfy.model_base.BaseModel with model_sampling: SD1.x/SDXL/SD3/Flux/Wan/Qwen-Image/"
+               f"HunyuanVideo/LTX ...); missing {missing or ['add_wrapper_with_key']}")
         log.error(msg)
         raise UnsupportedModelError(msg)
 
@@ -202,38 +230,46 @@ def patch_model(model: Any, config: EasyCacheConfig, verbose: bool = False) -> A
     return m
 
 
-class HastenEasyCache:
+class HastenEasyCache(io.ComfyNode):
     """Node "EasyCache (hasten)": reuse the denoiser's transformation on steps where it barely changes."""
 
-    CATEGORY = "hasten"
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-    DESCRIPTION = ("EasyCache (Zhou et al.): skips denoiser forwards whose output is predicted from the "
-                   "cached transformation. Works on every ComfyUI model, SD3/MMDiT included.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HastenEasyCache",
+            display_name=NAME,
+            category=CATEGORY,
+            description=("EasyCache (Zhou et al. 2025), training-free: skips denoiser forwards whose output "
+                         "is predicted from the cached input-output transformation, per CFG branch. Works "
+                         "on every ComfyUI diffusion model (SD1.x, SDXL, SD3, Flux, Wan 2.1/2.2, Qwen-Image, "
+                         "HunyuanVideo, LTX...). Statistics: log line and the Run Stats (hasten) node."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion MODEL to accelerate (it is cloned, not changed)."),
+                io.Float.Input("reuse_threshold", default=_DEFAULTS.threshold, min=0.0, max=3.0, step=0.01,
+                               tooltip="Accumulated predicted change that forces a real forward. 0 = off "
+                                       "(bit-identical to no cache); higher = faster, lower quality."),
+                io.Float.Input("start_percent", default=_DEFAULTS.warmup, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the steps always computed at the start (the layout "
+                                       "forms there)."),
+                io.Float.Input("end_percent", default=_DEFAULTS.end, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the steps after which every step is computed again."),
+                io.Int.Input("max_consecutive_reuse", default=_DEFAULTS.max_consecutive_reuse, min=0,
+                             max=100, tooltip="Cap on reused steps in a row per branch (0 = no cap).",
+                             **advanced()),
+                io.Boolean.Input("verbose", default=False,
+                                 tooltip="Log each branch's compute/reuse timeline after every run.",
+                                 **advanced()),
+            ],
+            outputs=[io.Model.Output(tooltip="The MODEL with EasyCache; connect it to any sampler.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "reuse_threshold": ("FLOAT", {"default": _DEFAULTS.threshold, "min": 0.0, "max": 3.0, "step": 0.01,
-                                              "tooltip": "0 = off (identical to no cache); higher = faster"}),
-                "start_percent": ("FLOAT", {"default": _DEFAULTS.warmup, "min": 0.0, "max": 1.0, "step": 0.01,
-                                            "tooltip": "fraction of steps always computed at the start"}),
-                "end_percent": ("FLOAT", {"default": _DEFAULTS.end, "min": 0.0, "max": 1.0, "step": 0.01,
-                                          "tooltip": "fraction of steps after which caching stops"}),
-                "max_consecutive_reuse": ("INT", {"default": _DEFAULTS.max_consecutive_reuse, "min": 0,
-                                                  "max": 100, "tooltip": "cap on reuses in a row (0 = none)"}),
-                "verbose": ("BOOLEAN", {"default": False}),
-            }
-        }
-
-    def patch(self, model: Any, reuse_threshold: float, start_percent: float, end_percent: float,
-              max_consecutive_reuse: int = _DEFAULTS.max_consecutive_reuse, verbose: bool = False) -> tuple:
+    def execute(cls, model: Any, reuse_threshold: float, start_percent: float = _DEFAULTS.warmup,
+                end_percent: float = _DEFAULTS.end, max_consecutive_reuse: int = _DEFAULTS.max_consecutive_reuse,
+                verbose: bool = False) -> io.NodeOutput:
         config = EasyCacheConfig(threshold=reuse_threshold, warmup=start_percent, end=end_percent,
                                  max_consecutive_reuse=max_consecutive_reuse)
-        return (patch_model(model, config, verbose),)
+        return io.NodeOutput(patch_model(model, config, verbose))
 
 
-NODE_CLASS_MAPPINGS = {"HastenEasyCache": HastenEasyCache}
-NODE_DISPLAY_NAME_MAPPINGS = {"HastenEasyCache": "EasyCache (hasten)"}
+NODES = [HastenEasyCache]

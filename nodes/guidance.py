@@ -19,8 +19,10 @@ import torch
 
 from ..samplers.guidance import AdaptiveGuidance, GuidanceConfig, GuidanceStats
 from .runs import last_run_stats, num_steps_of, rewrap, scoped_run, step_index
+from .schema import CATEGORY, advanced, fail, io
 
 log = logging.getLogger("hasten")
+NAME = "Adaptive Guidance (hasten)"
 
 WRAPPER_KEY = "hasten_guidance"
 HOLDER_KEY = "hasten_guidance"
@@ -29,8 +31,20 @@ RUN_KEY = "hasten_guidance_run"
 
 @dataclass
 class GuidanceHolder:
+    """Settings of one node instance plus the statistics of its most recent sampling run."""
+
     config: GuidanceConfig
     last_run: GuidanceStats | None = None
+
+    def stats_text(self) -> str | None:
+        """The last run's statistics as one line (None before the first run)."""
+        return None if self.last_run is None else run_text(self.last_run)
+
+
+def run_text(result: GuidanceStats) -> str:
+    """A run's statistics as the node reports them (log line and Run Stats node)."""
+    return (f"{NAME}: {result.forwards}/{result.baseline_forwards} rows run "
+            f"({100 * result.saved_fraction:.0f}% saved)")
 
 
 @dataclass
@@ -57,8 +71,13 @@ def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
             result = policy.end_run()
             if result.cond_forwards:
                 holder.last_run = result
-                log.info("adaptive guidance (hasten): %d/%d rows run (%.0f%% saved)", result.forwards,
-                         result.baseline_forwards, 100 * result.saved_fraction)
+                log.info("%s", run_text(result))
+                if result.forwards >= result.baseline_forwards:
+                    log.warning("%s: no uncond pass was saved in this run (cond and uncond never agreed at "
+                                "threshold %g; lower it, or use mode 'truncate')", NAME, holder.config.threshold)
+            else:
+                log.warning("%s: this sampling run had no separate cond/uncond passes (CFG 1.0, or a "
+                            "guider that batches differently): nothing to drop", NAME)
 
         return _Run(holder, policy, num_steps), finish
 
@@ -113,13 +132,11 @@ def _slice_conds(conds: list, rows: list[int], batch: int) -> list:
 
 def patch_model(model: Any, config: GuidanceConfig) -> Any:
     """A clone of ``model`` with the adaptive-guidance wrappers (re-patching replaces, never stacks)."""
-    if not hasattr(model, "add_wrapper_with_key"):
-        from ..errors import UnsupportedModelError
-
-        raise UnsupportedModelError(f"adaptive guidance (hasten) needs a ComfyUI MODEL (ModelPatcher), got "
-                                    f"{type(model).__name__}")
+    if not hasattr(model, "add_wrapper_with_key") or not hasattr(getattr(model, "model", None), "apply_model"):
+        fail(NAME, f"needs a ComfyUI diffusion MODEL (a ModelPatcher of SD1.x/SDXL/SD3/Flux/Wan/Qwen-Image/"
+                   f"HunyuanVideo/LTX ...), got {type(getattr(model, 'model', model)).__name__}")
     if config.mode == "linear":
-        raise ValueError("the ComfyUI node supports modes 'ag' and 'truncate' (LinearAG is diffusers-only)")
+        fail(NAME, "modes 'ag' and 'truncate' are supported here (LinearAG is diffusers-only)", ValueError)
     import comfy.patcher_extension as pe
 
     # off = plain CFG: no wrappers at all (bit-identical by construction)
@@ -130,29 +147,38 @@ def patch_model(model: Any, config: GuidanceConfig) -> Any:
     return m
 
 
-class HastenAdaptiveGuidance:
+class HastenAdaptiveGuidance(io.ComfyNode):
     """Node "Adaptive Guidance (hasten)": stop each sample's uncond pass once cond and uncond agree."""
 
-    CATEGORY = "hasten"
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-    DESCRIPTION = ("Adaptive Guidance (Castillo et al.): per sample, once cos(cond, uncond) >= threshold the "
-                   "negative/uncond pass is no longer computed. Use with the normal KSampler.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HastenAdaptiveGuidance",
+            display_name=NAME,
+            category=CATEGORY,
+            description=("Adaptive Guidance (Castillo et al. 2023), training-free: per sample, once the cond and "
+                         "uncond predictions agree (cosine >= threshold) the negative/uncond pass is no longer "
+                         "computed and CFG uses the cond prediction. Use with the normal KSampler and CFG > 1; "
+                         "works on every ComfyUI model. Statistics: log line and the Run Stats (hasten) node."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion MODEL (it is cloned, not changed)."),
+                io.Combo.Input("mode", options=["ag", "truncate"], default="ag",
+                               tooltip="ag: stop per sample when cond and uncond agree; truncate: keep CFG only "
+                                       "for the first truncate_percent of the steps."),
+                io.Float.Input("threshold", default=0.993, min=0.5, max=2.0, step=0.001,
+                               tooltip="ag: cosine similarity of cond and uncond that stops the uncond pass "
+                                       "(> 1 = off, bit-identical to plain CFG)."),
+                io.Float.Input("truncate_percent", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="truncate: fraction of the steps that keep CFG (1 = off).", **advanced()),
+            ],
+            outputs=[io.Model.Output(tooltip="The MODEL with adaptive guidance; connect it to a KSampler.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "model": ("MODEL",),
-            "mode": (["ag", "truncate"], {"default": "ag"}),
-            "threshold": ("FLOAT", {"default": 0.993, "min": 0.5, "max": 2.0, "step": 0.001,
-                                    "tooltip": "AG: cosine similarity that stops the uncond pass (> 1 = off)"}),
-            "truncate_percent": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
-                                           "tooltip": "truncate: fraction of steps keeping CFG (1 = off)"}),
-        }}
-
-    def patch(self, model: Any, mode: str, threshold: float, truncate_percent: float) -> tuple:
-        return (patch_model(model, GuidanceConfig(mode=mode, threshold=threshold, truncate=truncate_percent)),)
+    def execute(cls, model: Any, mode: str = "ag", threshold: float = 0.993,
+                truncate_percent: float = 0.5) -> io.NodeOutput:
+        return io.NodeOutput(patch_model(model, GuidanceConfig(mode=mode, threshold=threshold,
+                                                               truncate=truncate_percent)))
 
 
-NODE_CLASS_MAPPINGS = {"HastenAdaptiveGuidance": HastenAdaptiveGuidance}
-NODE_DISPLAY_NAME_MAPPINGS = {"HastenAdaptiveGuidance": "Adaptive Guidance (hasten)"}
+NODES = [HastenAdaptiveGuidance]

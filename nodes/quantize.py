@@ -1,11 +1,16 @@
-"""ComfyUI adapter for hasten's quantization: node "Quantize Model (hasten)".
+"""ComfyUI adapter for hasten's quantization: node "Quantize Model (hasten)" (V3 schema).
 
 The core (:func:`hasten.quant.plan_quantization`) decides which linear layers of the MODEL's diffusion
 model to quantize and builds their replacements; this adapter installs them as *object patches* on a
 cloned ModelPatcher, so ComfyUI swaps them in when the patched model is loaded and puts the original
 layers back when it is unpatched (the original MODEL and its weights are never modified).
-Calibration comes from a saved :class:`hasten.quant.CalibrationData` file (``CalibrationData.save`` /
-``pipe``-side ``calibrate_pipeline``) or is skipped (no AWQ scaling; W8A8 uses dynamic per-token scales).
+
+The quantized layers are real ``nn.Linear`` subclasses whose ``.weight`` is a quantized tensor, so model
+code that reads ``linear.weight`` (ComfyUI's Wan / LTX feed-forward since August 2026) keeps working.
+The plan is always made from the ORIGINAL layers: when a quantized clone of the same model is still
+patched in (ComfyUI unpatches lazily), its originals are taken from the patcher's backup, so a second
+Quantize node, or a re-run after a quantized run, quantizes the original weights, never quantized ones.
+Layers carrying weight patches (LoRA) are left in float. Zero quantized layers is a node error.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import logging
 import os
 from typing import Any
 
-from ..errors import UnsupportedModelError
 from ..quant import (
     CalibrationData,
     Int4WeightOnlyConfig,
@@ -22,12 +26,17 @@ from ..quant import (
     QuantConfig,
     QuantReport,
     W8A8Config,
+    check_not_empty,
+    is_quant_linear,
     plan_quantization,
 )
+from .schema import CATEGORY, advanced, fail, io, output, stats_output
 
 log = logging.getLogger("hasten")
 
+NAME = "Quantize Model (hasten)"
 HOLDER_KEY = "hasten_quant"  # model_options["transformer_options"] entry: the node's report
+PREFIX = "diffusion_model."
 METHODS = ("int8_weight_only", "int4_weight_only", "w8a8")
 
 
@@ -46,65 +55,112 @@ def make_config(method: str, group_size: int = 64, keep_budget: float = 0.05) ->
     raise ValueError(f"unknown quantization method {method!r}; choose one of {METHODS}")
 
 
+def _originals(m: Any, dm: Any) -> dict[str, Any]:
+    """Path -> original ``nn.Linear`` of every layer of ``dm`` that is currently a hasten quantized linear
+    patched in by ComfyUI (from the shared ``object_patches_backup``)."""
+    backup = getattr(m, "object_patches_backup", {}) or {}
+    out = {}
+    for name, sub in dm.named_modules():
+        if is_quant_linear(sub):
+            orig = backup.get(PREFIX + name)
+            if orig is None or is_quant_linear(orig):
+                fail(NAME, f"layer {name!r} of this model is already quantized in place and its original "
+                           "weights are unknown; load the model again (unquantized) before this node", ValueError)
+            out[name] = orig
+    return out
+
+
 def patch_model(model: Any, config: QuantConfig, calibration: CalibrationData | None = None) -> Any:
     """A clone of ``model`` whose diffusion model's selected linears are quantized (as object patches)."""
     inner = getattr(model, "model", None)
     dm = getattr(inner, "diffusion_model", None)
     if dm is None or not hasattr(model, "add_object_patch"):
-        msg = (f"Quantize Model (hasten) needs a ComfyUI diffusion MODEL (a ModelPatcher whose model has a "
-               f"diffusion_model, e.g. Wan/Flux/SD3/SDXL); got {type(inner).__name__}")
-        log.error(msg)
-        raise UnsupportedModelError(msg)
+        fail(NAME, f"needs a ComfyUI diffusion MODEL (a ModelPatcher whose model has a diffusion_model, e.g. "
+                   f"Wan/Flux/SD3/SDXL/LTX); got {type(inner).__name__}")
     m = model.clone()
     prev = report(m)
     if prev is not None:  # re-quantizing a quantized MODEL replaces the previous patches, never stacks
-        for name in prev.quantized:
-            m.object_patches.pop(f"diffusion_model.{name}", None)
-    plan, rep = plan_quantization(dm, config, calibration)
+        for name in [*prev.quantized, *prev.precision]:
+            m.object_patches.pop(PREFIX + name, None)
+    originals = _originals(m, dm)
+    patched = {k[len(PREFIX):].rpartition(".")[0] for k in getattr(m, "patches", {}) if k.startswith(PREFIX)}
+    skip = {n: "has weight patches (e.g. a LoRA): left in float" for n in patched}
+    plan, rep = plan_quantization(dm, config, calibration, originals=originals, skip=skip)
+    try:
+        check_not_empty(rep, NAME)
+    except ValueError as exc:
+        fail(NAME, str(exc).removeprefix(NAME + ": "))
     for name, ql in plan.items():
-        m.add_object_patch(f"diffusion_model.{name}", ql)
+        m.add_object_patch(PREFIX + name, ql)
     m.model_options.setdefault("transformer_options", {})[HOLDER_KEY] = rep
-    log.info("Quantize Model (hasten): %s", rep.summary().replace("\n", "; "))
     return m
 
 
-class HastenQuantize:
+def stats_line(rep: QuantReport) -> str:
+    mem = f"; weights {rep.memory_after}" if rep.memory_after is not None else ""
+    return (f"{NAME}: {rep.method}: {len(rep.quantized)} linear layers quantized, {len(rep.kept)} kept "
+            f"({len(rep.precision)} of them as int8; {'calibrated' if rep.calibrated else 'no calibration'}){mem}")
+
+
+class HastenQuantize(io.ComfyNode):
     """Node "Quantize Model (hasten)": low-bit linear layers for the diffusion model."""
 
-    CATEGORY = "hasten"
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-    DESCRIPTION = ("Quantizes the diffusion model's linear layers (int8 / group-wise int4 weight-only, or W8A8), "
-                   "keeping timestep/modulation layers and the most error-sensitive ones in high precision. "
-                   "Applied as model patches: the original weights come back when the patch is removed.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HastenQuantize",
+            display_name=NAME,
+            category=CATEGORY,
+            description=("Quantizes the diffusion model's linear layers (int8 or group-wise int4 weight-only, or "
+                         "W8A8 int8 weights and activations), keeping timestep/modulation layers and the most "
+                         "error-sensitive ones in higher precision. Applied as model patches: the input MODEL "
+                         "is unchanged and the original weights come back when the patch is removed. Works on "
+                         "any diffusion model built from linear layers (Wan, Flux, SD3, SDXL, LTX...)."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion MODEL to quantize (it is cloned, not changed)."),
+                io.Combo.Input("method", options=list(METHODS), default="int8_weight_only",
+                               tooltip="int8_weight_only: ~half the bf16 weight bytes, near-lossless. "
+                                       "int4_weight_only: ~a third, some quality cost. w8a8: int8 weights and "
+                                       "activations (int8 GEMM; fastest where int8 kernels exist)."),
+                io.Int.Input("group_size", default=64, min=8, max=1024, step=8,
+                             tooltip="int4 only: input channels sharing one scale/zero (smaller = more "
+                                     "accurate, slightly larger). Layers whose width is not a multiple stay int8.",
+                             **advanced()),
+                io.Float.Input("keep_budget", default=0.05, min=0.0, max=0.99, step=0.01,
+                               tooltip="Fraction of the layers with the largest measured error kept in higher "
+                                       "precision.", **advanced()),
+                io.String.Input("calibration_file", default="", optional=True,
+                                tooltip="A hasten calibration .safetensors (CalibrationData.save); empty = no "
+                                        "calibration (no activation-aware scaling, W8A8 uses per-token scales).",
+                                **advanced()),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The quantized MODEL; connect it to any sampler."),
+                stats_output("How many layers were quantized and kept, and the weight bytes vs. bf16."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "method": (list(METHODS), {"default": "int8_weight_only"}),
-                "group_size": ("INT", {"default": 64, "min": 8, "max": 1024, "step": 8,
-                                       "tooltip": "int4 only: input channels sharing one scale"}),
-                "keep_budget": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 0.99, "step": 0.01,
-                                          "tooltip": "fraction of layers with the largest measured error kept"}),
-            },
-            "optional": {
-                "calibration_file": ("STRING", {"default": "", "tooltip": "a hasten calibration .safetensors "
-                                                "(empty = no calibration)"}),
-            },
-        }
-
-    def patch(self, model: Any, method: str, group_size: int = 64, keep_budget: float = 0.05,
-              calibration_file: str = "") -> tuple:
-        config = make_config(method, group_size, keep_budget)
+    def execute(cls, model: Any, method: str, group_size: int = 64, keep_budget: float = 0.05,
+                calibration_file: str = "") -> io.NodeOutput:
+        try:
+            config = make_config(method, group_size, keep_budget)
+        except (TypeError, ValueError) as exc:
+            fail(NAME, str(exc), ValueError)
         calibration = None
         if calibration_file:
             if not os.path.isfile(calibration_file):
-                raise FileNotFoundError(f"Quantize Model (hasten): no calibration file at {calibration_file!r}")
-            calibration = CalibrationData.load(calibration_file)
-        return (patch_model(model, config, calibration),)
+                fail(NAME, f"no calibration file at {calibration_file!r}", FileNotFoundError)
+            try:
+                calibration = CalibrationData.load(calibration_file)
+            except Exception as exc:  # noqa: BLE001 - a damaged file: say which and why
+                fail(NAME, f"cannot read calibration file {calibration_file!r}: {exc}", ValueError)
+        m = patch_model(model, config, calibration)
+        rep = report(m)
+        assert rep is not None
+        text = stats_line(rep)
+        log.info("%s", text)
+        return output(m, stats=text)
 
 
-NODE_CLASS_MAPPINGS = {"HastenQuantize": HastenQuantize}
-NODE_DISPLAY_NAME_MAPPINGS = {"HastenQuantize": "Quantize Model (hasten)"}
+NODES = [HastenQuantize]

@@ -14,6 +14,26 @@ import torch
 
 Start = Callable[[Any, torch.Tensor], tuple[Any, Callable[[], None]]]
 
+# transformer_options entry set by a node that runs a partial batch (EasyCache computing only some rows):
+# the original in-chunk row index of each row kept in every chunk, so per-row state below stays per branch.
+ROWS_KEY = "hasten_rows"
+
+
+def batch_rows(topts: dict, batch: int) -> list[tuple[Any, int]] | None:
+    """(chunk uuid, in-chunk row) of each row of an ``apply_model`` batch, or None if it cannot be told.
+
+    ComfyUI batches [chunk 0 rows | chunk 1 rows | ...], one equal-sized chunk per cond/uncond entry of
+    ``uuids``; a partial batch from an outer hasten node names its original rows under :data:`ROWS_KEY`.
+    """
+    uuids = list(topts.get("uuids") or [])
+    if not uuids or batch % len(uuids) != 0:
+        return None
+    per = batch // len(uuids)
+    inner = list(topts.get(ROWS_KEY) or range(per))
+    if len(inner) != per:
+        inner = list(range(per))
+    return [(uuids[i // per], inner[i % per]) for i in range(batch)]
+
 
 def rewrap(model: Any, key: str, wrappers: dict[str, Callable]) -> Any:
     """A clone of ``model`` carrying exactly ``wrappers`` (WrappersMP kind -> function) under ``key``: whatever

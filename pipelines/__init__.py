@@ -28,22 +28,10 @@ __all__ = [
 
 
 def install_pipeline_methods() -> None:
-    """Give every ``diffusers.DiffusionPipeline`` hasten's ``enable_*`` / ``disable_*`` methods."""
+    """Give every ``diffusers.DiffusionPipeline`` hasten's ``enable_*`` / ``disable_*`` methods (done
+    automatically when diffusers' pipeline module loads after ``import hasten``)."""
     from diffusers import DiffusionPipeline
 
-    methods = {
-        "enable_easycache": enable_easycache,
-        "disable_easycache": disable_easycache,
-        "enable_sparse_attention": enable_sparse_attention,
-        "disable_sparse_attention": disable_sparse_attention,
-        "quantize": quantize_pipeline,
-        "dequantize": dequantize_pipeline,
-        "enable_adaptive_guidance": enable_adaptive_guidance,
-        "disable_adaptive_guidance": disable_adaptive_guidance,
-        "enable_bottleneck_sampling": enable_bottleneck_sampling,
-        "disable_bottleneck_sampling": disable_bottleneck_sampling,
-        "hasten_stats": stats,
-        "hasten_summary": summary,
-    }
-    for name, fn in methods.items():
-        setattr(DiffusionPipeline, name, fn)
+    from .._lazy import install_methods
+
+    install_methods(DiffusionPipeline)

@@ -9,8 +9,10 @@ import torch
 
 from ..caches import EasyCache, EasyCacheConfig, RunStats, run_cached
 from .denoiser import (
+    CallInfo,
     DenoiserHook,
-    branch_keys,
+    in_flight,
+    log,
     main_tensor,
     row_keys,
     slice_batch,
@@ -23,26 +25,52 @@ PRIORITY = 50  # hook stacking: below guidance (100) and sparse attention (75)
 
 
 class EasyCacheHook(DenoiserHook):
-    """Runs each denoiser call through :func:`run_cached` with one branch per batch row."""
+    """Runs each denoiser call through :func:`run_cached` with one branch per batch row and call position."""
 
     def __init__(self, pipe: Any, config: EasyCacheConfig) -> None:
         super().__init__(pipe)
         self.cache = EasyCache(config)
+        self._reported = False
+
+    def on_run_start(self, num_steps: int | None) -> None:
+        self.cache.begin_run(num_steps)
+        self._reported = False
 
     def on_run_end(self) -> None:
+        self.report()
         self.cache.end_run()
 
+    def report(self) -> None:
+        """Log once per run what the cache did (a run that reused nothing at threshold > 0 says why)."""
+        st = self.cache.current_stats()
+        if self._reported or not st.calls:
+            return
+        self._reported = True
+        where = self.pattern.pipe_name
+        if st.reused or self.cache.config.threshold <= 0:
+            log.info("hasten EasyCache on %s: %d/%d branch forwards computed, %d reused (%d branches)", where,
+                     st.computed, st.calls, st.reused, len(st.branches))
+        else:
+            log.info("hasten EasyCache on %s reused nothing in this run (%d branch forwards, threshold %g): the "
+                     "output changed faster than the threshold allows, or the run is too short for warm-up",
+                     where, st.calls, self.cache.config.threshold)
+
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with in_flight(self):
+            info = self.identify(module, args, kwargs)
+            out = self._forward(module, info, args, kwargs)
+            if self.pattern.last_call(info):
+                self.report()
+            return out
+
+    def _forward(self, module: torch.nn.Module, info: CallInfo, args: tuple, kwargs: dict) -> Any:
         x = split_input(args, kwargs)
         batch = x.shape[0]
-        keys, labels = branch_keys(self.pipe_ref, self.context.name, batch, module)
-        if self.tracker.new_run_needed(keys):
-            self.cache.end_run()
-            self.tracker.start()
-            self.cache.begin_run(self.tracker.num_steps)
-        steps = self.tracker.steps_for(keys)
+        keys, labels = info.keys, info.labels
+        steps = [info.step] * batch
         forward = self.original()
         full: list[Any] = []
+        pag = any(k[0] == "perturbed" for k in keys)
 
         def compute(rows: list[int] | None) -> torch.Tensor:
             # row_keys: code below this hook (e.g. sparse-attention processors) keys its state per branch too
@@ -50,6 +78,11 @@ class EasyCacheHook(DenoiserHook):
                 with row_keys(module, keys):
                     result = forward(*args, **kwargs)
                 full.append(result)
+            elif pag:  # PAG's attention processors need the whole [(uncond,) cond, perturbed] batch
+                with row_keys(module, keys):
+                    result = forward(*args, **kwargs)
+                self.packer.learn(result)
+                return main_tensor(result)[rows]
             else:
                 a, kw = slice_batch(args, kwargs, rows, batch)
                 with row_keys(module, [keys[i] for i in rows]):
@@ -57,7 +90,7 @@ class EasyCacheHook(DenoiserHook):
             self.packer.learn(result)
             return main_tensor(result)
 
-        out = run_cached(self.cache, keys, x, steps, self.tracker.num_steps, compute, labels,
+        out = run_cached(self.cache, keys, x, steps, info.num_steps, compute, labels,
                          groups=[item for _, item in keys])
         if full:  # every row computed: hand back the model's own output object untouched
             return full[0]

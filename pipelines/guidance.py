@@ -1,15 +1,23 @@
-"""diffusers adapter for adaptive guidance: a denoiser hook that really drops converged uncond rows.
+"""diffusers adapter for adaptive guidance: a denoiser hook that really drops converged uncond work.
 
-Two CFG layouts are handled:
+Branches come from the call pattern (:class:`hasten.pipelines.denoiser.CallPattern`), so every CFG
+layout diffusers uses is handled:
 
-* batched (SD 1.5, SDXL, SD3, PixArt): one call with rows ``[uncond..., cond...]``; rows of samples
-  whose uncond pass is no longer needed are sliced out before the model runs;
-* separate calls under diffusers' ``cache_context`` ("cond" then "uncond": Wan, the embedded model,
-  Flux true-CFG): the cond output is kept and the uncond call runs only for the samples that need it.
+* batched rows ``[uncond..., cond...]`` (SD 1.5, SDXL, SD3, PixArt, CogVideoX/LTX/Mochi under
+  ``cache_context("cond_uncond")``, AnimateDiff's frame-folded batch, Z-Image's ``[cond, uncond]`` list):
+  the uncond rows of samples that no longer need them are sliced out before the model runs; PAG's
+  ``[uncond, cond, perturbed]`` keeps its perturbed rows (all samples decide together, PAG's processors
+  switch to their no-CFG variant for that call);
+* separate calls, cond first then uncond in the same step: ``cache_context`` "cond"/"uncond" (Wan, Flux
+  true-CFG, Qwen-Image), guider identifiers "pred_cond"/"pred_uncond" (HunyuanImage 2.1, MotifVideo), or
+  two calls on the same latent without any context (Chroma, Lumina2, Flux ControlNet/Kontext, Cosmos):
+  the uncond CALL is skipped for the samples that no longer need it.
 
-Dropped uncond rows are answered with the cond output (so CFG reduces to cond exactly) or the LinearAG
-estimate. The hook must be the outermost hasten hook: it tells hooks below (EasyCache) which branch
-each remaining row is via :class:`row_keys`.
+Dropped uncond predictions are answered with the cond output (so the pipeline's own CFG reduces to cond
+exactly) or the LinearAG estimate. A batch whose unconditional rows cannot be told apart
+(InstructPix2Pix's 3-way batch) raises :class:`UnsupportedModelError`; a run without any uncond branch
+(CFG off, distilled models) logs a warning once. The hook is the outermost hasten hook: it tells hooks
+below it (EasyCache) which branch each remaining row is via :class:`row_keys`.
 """
 
 from __future__ import annotations
@@ -31,13 +39,15 @@ from ..samplers.guidance import (
     model_key,
 )
 from .denoiser import (
+    CallInfo,
     DenoiserHook,
-    branch_keys,
     find_denoisers,
+    in_flight,
+    log,
     main_tensor,
+    pag_rows_without_cfg,
     row_keys,
     slice_batch,
-    split_input,
 )
 from .registry import HookFeature, features, install, make_config, uninstall
 
@@ -46,23 +56,52 @@ PRIORITY = 100  # outermost hasten hook: it drops rows, the hooks below key thei
 
 
 class GuidanceHook(DenoiserHook):
-    """Asks :class:`AdaptiveGuidance` per sample whether the uncond row must run, and runs only those."""
+    """Asks :class:`AdaptiveGuidance` per sample whether the uncond branch must run, and runs only those.
+
+    Layouts (see :class:`hasten.pipelines.denoiser.CallPattern`): batched rows ``[uncond, cond]`` (and
+    PAG's ``[uncond, cond, perturbed]``: the perturbed rows always run), or a cond call followed by an
+    uncond call in the same step (``cache_context`` "cond"/"uncond", guider "pred_cond"/"pred_uncond",
+    or two calls on the same latent). A dropped uncond is answered with the cond output (CFG then
+    yields cond exactly) or the LinearAG estimate.
+    """
 
     def __init__(self, pipe: Any, config: GuidanceConfig, record: bool = False) -> None:
         super().__init__(pipe)
         self.policy = AdaptiveGuidance(config, record=record)
-        self._pending: dict[int, tuple[int, torch.Tensor]] = {}  # item -> (step, cond output) for "uncond" calls
+        self._pending: dict[int, tuple[int, torch.Tensor]] = {}  # item -> (step, cond output) of this step
+        self._run_info: dict[str, Any] = {}
+
+    def on_run_start(self, num_steps: int | None) -> None:
+        self.policy.begin_run(num_steps)
+        self._pending = {}
+        self._run_info = {"uncond_seen": False, "warned": False, "reported": False, "max_step": 0}
 
     def on_run_end(self) -> None:
+        self._warn_no_cfg()
+        self.report()
         self.policy.end_run()
         self._pending = {}
 
-    def _start_if_new(self, keys: list) -> None:
-        if self.tracker.new_run_needed(keys):
-            self.on_run_end()
-            self.tracker.start()
-            self.policy.begin_run(self.tracker.num_steps)
+    # -- logging --------------------------------------------------------------------------------
+    def _warn_no_cfg(self) -> None:
+        ri = self._run_info
+        if ri and not ri["uncond_seen"] and not ri["warned"] and ri["max_step"] >= 1:
+            ri["warned"] = True
+            log.warning("hasten adaptive guidance does nothing on %s in this run: the pipeline runs no "
+                        "unconditional branch (guidance_scale <= 1, CFG switched off, or a guidance-distilled "
+                        "model)", self.pattern.pipe_name)
 
+    def report(self) -> None:
+        ri = self._run_info
+        st = self.policy.current_stats()
+        if not ri or ri["reported"] or not st.cond_forwards:
+            return
+        ri["reported"] = True
+        log.info("hasten adaptive guidance (%s) on %s: %d/%d cond+uncond rows computed, %d uncond rows dropped "
+                 "(%.0f%% saved)", self.policy.config.mode, self.pattern.pipe_name, st.forwards,
+                 st.baseline_forwards, st.baseline_forwards - st.forwards, 100 * st.saved_fraction)
+
+    # -- calls ----------------------------------------------------------------------------------
     def _run(self, module: torch.nn.Module, args: tuple, kwargs: dict, rows: list[int], keys: list,
              batch: int) -> torch.Tensor:
         a, kw = slice_batch(args, kwargs, rows, batch)
@@ -71,78 +110,96 @@ class GuidanceHook(DenoiserHook):
         self.packer.learn(result)
         return main_tensor(result)
 
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        x = split_input(args, kwargs)
-        batch = x.shape[0]
-        keys, _ = branch_keys(self.pipe_ref, self.context.name, batch, module)
-        keys = self._infer_cfg_layout(keys, x)
-        names = {k[0] for k in keys}
-        if names == {"cond", "uncond"}:
-            return self._batched(module, args, kwargs, keys, batch)
-        if names == {"uncond"}:
-            return self._uncond_call(module, args, kwargs, keys, batch)
-        # a cond-only call (separate CFG calls, or no CFG at all)
-        self._start_if_new(keys)
-        steps = self.tracker.steps_for(keys)
-        result = self.original()(*args, **kwargs)
+    def _full(self, module: torch.nn.Module, args: tuple, kwargs: dict, keys: list) -> Any:
+        with row_keys(module, keys):
+            result = self.original()(*args, **kwargs)
         self.packer.learn(result)
-        if self.context.name == "cond":
-            out = main_tensor(result)
-            self._pending = {k[1]: (s, out[i : i + 1]) for i, (k, s) in enumerate(zip(keys, steps))}
         return result
 
-    def _infer_cfg_layout(self, keys: list, x: torch.Tensor) -> list:
-        """PixArt-style pipelines keep ``do_classifier_free_guidance`` local: recognise their CFG batch
-        ``cat([latents] * 2)`` by its two identical halves."""
-        pipe = self.pipe_ref() if self.pipe_ref is not None else None
-        batch = x.shape[0]
-        if (self.context.name is not None or batch % 2 or any(k[0] != "cond" for k in keys)
-                or pipe is None or hasattr(pipe, "do_classifier_free_guidance")):
-            return keys
-        half = batch // 2
-        if not torch.equal(x[:half], x[half:]):
-            return keys
-        return [("uncond", i) for i in range(half)] + [("cond", i) for i in range(half)]
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with in_flight(self):
+            info = self.identify(module, args, kwargs)
+            self._run_info["max_step"] = max(self._run_info.get("max_step", 0), info.step)
+            if info.step >= 1 and info.position == 0:
+                self._warn_no_cfg()
+            out = self._forward(module, info, args, kwargs)
+            if self.pattern.last_call(info):
+                self.report()
+            return out
 
-    def _batched(self, module, args, kwargs, keys, batch) -> Any:
-        self._start_if_new(keys)
-        steps = self.tracker.steps_for(keys)
+    def _forward(self, module: torch.nn.Module, info: CallInfo, args: tuple, kwargs: dict) -> Any:
+        keys = info.keys
+        names = {k[0] for k in keys}
+        if "uncond" in names:
+            self._run_info["uncond_seen"] = True
+        unknown = sorted(n for n in names if n.startswith("part"))
+        if unknown:
+            raise UnsupportedModelError(
+                f"adaptive guidance cannot tell which rows of {info.pipe_name}'s {len(unknown)}-way guidance batch "
+                "are the unconditional ones (e.g. InstructPix2Pix's [text, image, none]); it supports batched "
+                "[uncond, cond] (and PAG's [uncond, cond, perturbed]), cache_context/guider 'cond'/'uncond' calls "
+                "and sequential cond-then-uncond calls. EasyCache still works on this pipeline.")
+        if "uncond" in names and names != {"uncond"}:
+            return self._batched(module, args, kwargs, info)
+        if names == {"uncond"}:
+            return self._uncond_call(module, args, kwargs, info)
+        result = self._full(module, args, kwargs, keys)
+        if names == {"cond"}:  # a cond call: its output answers a following uncond call of this step
+            out = main_tensor(result)
+            self._pending = {k[1]: (info.step, out[i : i + 1]) for i, k in enumerate(keys)}
+        return result
+
+    def _batched(self, module: torch.nn.Module, args: tuple, kwargs: dict, info: CallInfo) -> Any:
+        keys, step = info.keys, info.step
+        batch = len(keys)
         cond_row = {k[1]: i for i, k in enumerate(keys) if k[0] == "cond"}
         uncond_row = {k[1]: i for i, k in enumerate(keys) if k[0] == "uncond"}
-        need = {item: self.policy.needs_uncond(item, steps[cond_row[item]]) for item in cond_row}
+        if set(uncond_row) - set(cond_row):
+            raise UnsupportedModelError(f"adaptive guidance: {info.pipe_name} batches uncond rows without matching "
+                                        "cond rows; cannot pair them")
+        need = {item: self.policy.needs_uncond(item, step) for item in uncond_row}
+        pag = any(k[0] == "perturbed" for k in keys)
+        if pag and any(need.values()):  # PAG's processors split the batch in equal parts: all items or none
+            need = dict.fromkeys(need, True)
         if all(need.values()):
-            result = self.original()(*args, **kwargs)
-            self.packer.learn(result)
+            result = self._full(module, args, kwargs, keys)
             out = main_tensor(result)
-            for item, r in cond_row.items():
-                self.policy.observe(item, steps[r], out[r : r + 1], out[uncond_row[item] : uncond_row[item] + 1])
+            for item, r in uncond_row.items():
+                c = cond_row[item]
+                self.policy.observe(item, step, out[c : c + 1], out[r : r + 1])
             return result
-        rows = sorted([uncond_row[i] for i, n in need.items() if n] + list(cond_row.values()))
-        sub = self._run(module, args, kwargs, rows, keys, batch)
+        dropped = {uncond_row[i] for i, n in need.items() if not n}
+        rows = [r for r in range(batch) if r not in dropped]
+        if pag:
+            with pag_rows_without_cfg(info.pipe, module):
+                sub = self._run(module, args, kwargs, rows, keys, batch)
+        else:
+            sub = self._run(module, args, kwargs, rows, keys, batch)
         got = {r: sub[j : j + 1] for j, r in enumerate(rows)}
-        for item, r in cond_row.items():
-            cond, ur = got[r], uncond_row[item]
+        for item, ur in uncond_row.items():
+            cond = got[cond_row[item]]
             if need[item]:
-                self.policy.observe(item, steps[r], cond, got[ur])
+                self.policy.observe(item, step, cond, got[ur])
             else:
-                got[ur] = self.policy.estimate_uncond(item, steps[r], cond)
-                self.policy.observe(item, steps[r], cond, None, got[ur])
+                got[ur] = self.policy.estimate_uncond(item, step, cond)
+                self.policy.observe(item, step, cond, None, got[ur])
         out = torch.cat([got[r] for r in range(batch)], dim=0)
         return self.packer.pack(out, kwargs.get("return_dict"))
 
-    def _uncond_call(self, module, args, kwargs, keys, batch) -> Any:
+    def _uncond_call(self, module: torch.nn.Module, args: tuple, kwargs: dict, info: CallInfo) -> Any:
+        keys, step = info.keys, info.step
+        batch = len(keys)
         items = [k[1] for k in keys]
-        if not self._pending or any(i not in self._pending for i in items):
-            # an uncond call without a preceding cond call: nothing to decide with, run it as is
-            return self.original()(*args, **kwargs)
-        self.tracker.steps_for(keys)
-        need = {i: self.policy.needs_uncond(i, self._pending[i][0]) for i in items}
+        pending = {i: v for i, v in self._pending.items() if v[0] == step}
+        if any(i not in pending for i in items):
+            # an uncond call without a cond call before it in this step: nothing to decide with, run it as is
+            return self._full(module, args, kwargs, keys)
+        need = {i: self.policy.needs_uncond(i, step) for i in items}
         if all(need.values()):
-            result = self.original()(*args, **kwargs)
-            self.packer.learn(result)
+            result = self._full(module, args, kwargs, keys)
             out = main_tensor(result)
             for j, i in enumerate(items):
-                self.policy.observe(i, self._pending[i][0], self._pending[i][1], out[j : j + 1])
+                self.policy.observe(i, step, pending[i][1], out[j : j + 1])
             self._pending = {}
             return result
         rows = [j for j, i in enumerate(items) if need[i]]
@@ -151,7 +208,7 @@ class GuidanceHook(DenoiserHook):
             sub = self._run(module, args, kwargs, rows, keys, batch)
             got = {r: sub[j : j + 1] for j, r in enumerate(rows)}
         for j, i in enumerate(items):
-            step, cond = self._pending[i]
+            cond = pending[i][1]
             if need[i]:
                 self.policy.observe(i, step, cond, got[j])
             else:

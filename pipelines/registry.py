@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import numbers
+import weakref
 from typing import Any
+
+from ..errors import UnsupportedModelError
 
 _ATTR = "_hasten_features"
 
@@ -55,19 +61,50 @@ class HookFeature(Feature):
         return out
 
 
+def _home(pipe: Any) -> Any:
+    """Where ``pipe``'s feature registry lives: on its (first) denoiser module.
+
+    Features belong to the model they patch, not to one pipeline object: pipelines sharing a denoiser
+    (``from_pipe``) see the same, truthful list, and ``copy.deepcopy(pipe)`` copies it with the module.
+    """
+    from .denoiser import find_denoisers
+
+    if pipe is None or isinstance(pipe, (str, bytes, int, float, bool, dict, list, tuple)):
+        raise UnsupportedModelError(f"hasten expects a diffusers pipeline, got {type(pipe).__name__} {pipe!r:.60}")
+    return next(iter(find_denoisers(pipe).values()))
+
+
 def features(pipe: Any) -> dict[str, Feature]:
-    """The pipeline's enabled features, by name (created empty on first use)."""
-    reg = getattr(pipe, _ATTR, None)
+    """The pipeline's enabled features, by name (created empty on first use).
+
+    Raises :class:`UnsupportedModelError` for anything that is not a pipeline with a denoiser.
+    """
+    home = _home(pipe)
+    reg = home.__dict__.get(_ATTR)
     if reg is None:
         reg = {}
-        setattr(pipe, _ATTR, reg)
+        home.__dict__[_ATTR] = reg
     return reg
 
 
 def make_config(cls: type, config: Any, kwargs: dict[str, Any]) -> Any:
-    """``config`` as given, or ``cls(**kwargs)``; both at once is an error (which settings would win?)."""
+    """``config`` as given, or ``cls(**kwargs)``; both at once is an error (which settings would win?).
+
+    A bare number is the ``threshold`` of configs that have one (``enable_easycache(0)`` = threshold 0,
+    i.e. off); any other type is refused here, at the call that passed it.
+    """
     if config is None:
         return cls(**kwargs)
+    if isinstance(config, numbers.Real) and not isinstance(config, bool):
+        if "threshold" not in {f.name for f in dataclasses.fields(cls)}:
+            raise TypeError(f"expected a {cls.__name__} or keyword settings, got the number {config!r} "
+                            f"({cls.__name__} has no threshold)")
+        if "threshold" in kwargs:
+            raise TypeError("threshold given twice (as the first argument and as threshold=)")
+        return cls(threshold=config, **kwargs)
+    if not isinstance(config, cls):
+        raise TypeError(f"expected a {cls.__name__} (or a number as its threshold, or keyword settings), got "
+                        f"{type(config).__name__} {config!r:.80}")
     if kwargs:
         raise TypeError(f"pass either a {cls.__name__} or keyword settings, not both")
     return config
@@ -78,14 +115,33 @@ def install(pipe: Any, name: str, make: Any) -> Any:
     reg = features(pipe)
     if name in reg:
         reg.pop(name).remove()
-    reg[name] = make()
+    feat = make()
+    feat._hasten_owner = weakref.ref(pipe)
+    reg[name] = feat
     return pipe
 
 
+def _shares_home(a: Any, b: Any) -> bool:
+    try:
+        return _home(a) is _home(b)
+    except UnsupportedModelError:
+        return False
+
+
 def uninstall(pipe: Any, name: str) -> Any:
-    """Remove feature ``name`` from ``pipe`` if it is on; returns the pipeline."""
+    """Remove feature ``name`` from ``pipe`` if it is on; returns the pipeline.
+
+    The feature lives on the denoiser: if another pipeline sharing it (``from_pipe``) enabled it, it is
+    off for that pipeline too, and a warning says so.
+    """
     feat = features(pipe).pop(name, None)
     if feat is not None:
+        owner = getattr(feat, "_hasten_owner", None)
+        other = owner() if owner is not None else None
+        if other is not None and other is not pipe and _shares_home(other, pipe):
+            logging.getLogger("hasten").warning(
+                "hasten: %s was enabled through another %s that shares this denoiser (from_pipe); disabling it "
+                "here turns it off for both", name, type(other).__name__)
         feat.remove()
     return pipe
 

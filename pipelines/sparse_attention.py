@@ -1,70 +1,73 @@
 """diffusers adapter for adaptive block-sparse attention (:class:`hasten.kernels.adaspa.AdaSpa`).
 
-Wiring only: the supported self/joint-attention processors are wrapped through the public
-``set_attn_processor`` API. A wrapper runs the original processor unchanged (projections, norms, rotary
-embeddings) and only routes its inner attention call (``dispatch_attention_fn`` or
-``F.scaled_dot_product_attention`` in the processor's module) to the policy, which answers with a
-sparse/search output or None ("run the original attention", bit-identical). A DenoiserHook on the
-transformer tells the policy when a run starts, the step, the branch of each batch row and the text
-length of joint attention. ``disable_sparse_attention`` puts the original processor objects back.
+Wiring only, and only on the model it is given. Every attention module of the denoiser whose processor
+calls diffusers' attention dispatcher (``dispatch_attention_fn``: Flux, Flux 2, Qwen-Image, Wan, LTX,
+HunyuanVideo, Chroma, ...) or ``F.scaled_dot_product_attention`` (the ``AttnProcessor2_0`` family: SD/SDXL
+UNets, SD3, PixArt, CogVideoX, Lumina 2, ...) gets a wrapper processor through ``set_processor``. The wrapper
+runs the original processor's own code (projections, norms, rotary embeddings untouched) as a copy of
+its function whose globals name hasten's router instead of the dispatcher / ``F``: nothing module-level
+is swapped, so another model of the same class in the process is never affected. The router sends
+self- and joint attention to the policy, which answers with a sparse/search output or None (then the
+original dispatcher / SDPA runs, bit-identical); cross-attention passes straight through.
+
+A DenoiserHook on the denoiser tells the policy when a run starts, the step and the branch of each batch
+row. Joint attention keeps its text tokens dense; key-padding masks (text padding, e.g. Chroma's and
+HunyuanVideo's) are handled (Ulysses context parallelism: pipelines/parallel.py); any other mask, dropout or causal call runs dense and is
+counted in the run's statistics, which are logged once per run. ``disable_sparse_attention`` puts the
+original processor objects back.
 """
 
 from __future__ import annotations
 
-import threading
+import contextvars
+import functools
+import inspect
+import logging
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import UnsupportedModelError
-from ..kernels.adaspa import AdaSpa, AdaSpaConfig, AdaSpaStats
-from .denoiser import ROW_KEYS_ATTR, DenoiserHook, attach, branch_keys, detach, find_denoisers, split_input
+from ..kernels.adaspa import AdaSpa, AdaSpaConfig, AdaSpaStats, key_padding_mask
+from .denoiser import ROW_KEYS_ATTR, DenoiserHook, attach, detach, find_denoisers, in_flight
 from .registry import Feature, features, install, make_config, uninstall
+
+log = logging.getLogger("hasten.sparse_attention")
 
 PRIORITY = 75  # hook stacking: below guidance (100), above EasyCache (50) so it sees every step
 HOOK_NAME = "hasten_sparse_attention"
-
-
-@dataclass(frozen=True)
-class _Family:
-    """How one processor class lays out its attention call."""
-
-    fn_name: str  # global the processor calls for attention
-    layout: str  # "BSHD" (dispatch_attention_fn) or "BHSD" (F.scaled_dot_product_attention)
-    text: str  # "none", "front" or "back": where text tokens sit in joint attention
-    text_from_call: bool  # text length from the processor's encoder_hidden_states (else from the model call)
-    only: str | None = None  # wrap only processors whose name contains this ("attn1": Wan self-attention)
-
-
-FAMILIES: dict[str, _Family] = {
-    "WanAttnProcessor": _Family("dispatch_attention_fn", "BSHD", "none", False, only="attn1"),
-    "WanAttnProcessor2_0": _Family("dispatch_attention_fn", "BSHD", "none", False, only="attn1"),
-    "FluxAttnProcessor": _Family("dispatch_attention_fn", "BSHD", "front", False),
-    "HunyuanVideoAttnProcessor2_0": _Family("dispatch_attention_fn", "BSHD", "back", False),
-    "JointAttnProcessor2_0": _Family("F", "BHSD", "back", True),
-}
 SUPPORTED_TEXT = (
-    "transformers whose attention processors are WanAttnProcessor (Wan 2.1/2.2), FluxAttnProcessor (Flux), "
-    "JointAttnProcessor2_0 (SD3/SD3.5) or HunyuanVideoAttnProcessor2_0 (HunyuanVideo)"
+    "denoisers whose attention processors call diffusers' attention dispatcher (dispatch_attention_fn: "
+    "Flux, Flux 2, Qwen-Image, Wan, LTX, HunyuanVideo, Chroma, ...) or torch's "
+    "F.scaled_dot_product_attention (AttnProcessor2_0 / JointAttnProcessor2_0 families: SD 1.x/SDXL UNets, "
+    "SD3, PixArt, CogVideoX, Lumina 2, ...)"
 )
-_LOCK = threading.RLock()
+_CURRENT: contextvars.ContextVar[SparseAttnProcessor | None] = contextvars.ContextVar(
+    "hasten_sparse_attention_processor", default=None)
 
 
 class _Context:
-    """What the transformer hook learned about the current call (shared by its wrapped processors)."""
+    """What the denoiser hook learned about the current forward (shared by its wrapped processors)."""
 
     def __init__(self) -> None:
         self.rows: list[Any] = []
         self.module: torch.nn.Module | None = None
         self.step = 0
-        self.text_len = 0
+        self.joint: tuple[int, int] | None = None  # (joint token count, text token count) seen in this forward
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
 
 
 class _FunctionalProxy(types.ModuleType):
-    """``torch.nn.functional`` with ``scaled_dot_product_attention`` replaced (for SD3's processor)."""
+    """``torch.nn.functional`` whose ``scaled_dot_product_attention`` goes through the router."""
 
     def __init__(self, sdpa: Callable) -> None:
         super().__init__("torch.nn.functional")
@@ -74,124 +77,275 @@ class _FunctionalProxy(types.ModuleType):
         return getattr(torch.nn.functional, name)
 
 
-def suffix_padding_lengths(mask: torch.Tensor, batch: int, seq_k: int) -> torch.Tensor | None:
-    """Per-row key counts when ``mask`` is a boolean key-padding mask (real keys first, padding last,
-    the same for every head and query, as HunyuanVideo's text padding); None for any other mask."""
-    if mask.dtype != torch.bool or mask.shape[-1] != seq_k or mask.numel() != batch * seq_k:
+@functools.cache
+def _route(cls: type) -> tuple[Callable, inspect.Signature, str] | None:
+    """For a processor class: a copy of its ``__call__`` reading hasten's router instead of the dispatcher
+    and/or ``F``, its signature, and what it routes; None when its code calls neither."""
+    fn = cls.__dict__.get("__call__") or next((c.__dict__["__call__"] for c in cls.__mro__ if "__call__" in c.__dict__), None)
+    code = getattr(fn, "__code__", None)
+    if code is None:
         return None
-    m = mask.reshape(batch, seq_k)
-    lens = m.sum(-1)
-    if not torch.equal(m, torch.arange(seq_k, device=m.device) < lens.view(-1, 1)) or bool((lens == 0).any()):
+    names = _code_names(code)
+    real = fn.__globals__
+    glob = dict(real)
+    kinds = []
+    if "dispatch_attention_fn" in names and "dispatch_attention_fn" in real:
+        glob["dispatch_attention_fn"] = lambda *a, **k: _dispatch_route(real["dispatch_attention_fn"], *a, **k)
+        kinds.append("dispatch_attention_fn")
+    if "F" in names and "scaled_dot_product_attention" in names and real.get("F") is torch.nn.functional:
+        glob["F"] = _FunctionalProxy(  # the real SDPA looked up per call: later patches of it are honoured
+            lambda *a, **k: _sdpa_route(torch.nn.functional.scaled_dot_product_attention, *a, **k))
+        kinds.append("F.scaled_dot_product_attention")
+    if not kinds:
         return None
-    return lens.to(torch.int32)
+    copy = types.FunctionType(code, glob, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy, inspect.signature(fn), " and ".join(kinds)
+
+
+def _dispatch_route(real: Callable, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                    scale: float | None = None, enable_gqa: bool = False, attention_kwargs: Any = None, *,
+                    backend: Any = None, parallel_config: Any = None, **extra: Any) -> torch.Tensor:
+    """``dispatch_attention_fn`` as the wrapped processors see it: (B, S, H, D) tensors."""
+    proc = _CURRENT.get()
+    out = None
+    if proc is not None:
+        why = None
+        if extra or attention_kwargs:
+            why = "attention arguments hasten does not model"
+        elif parallel_config is not None:  # diffusers' context parallelism: Ulysses head shards, or refused
+            from .parallel import ulysses_sparse_attention
+            return ulysses_sparse_attention(proc, real, query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                            enable_gqa, backend, parallel_config)
+        out = proc.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask, scale,
+                          dropout_p, is_causal, enable_gqa, why)
+    if out is None:
+        return real(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs,
+                    backend=backend, parallel_config=parallel_config, **extra)
+    return out.transpose(1, 2)
+
+
+def _sdpa_route(real: Callable, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                scale: float | None = None, enable_gqa: bool = False, **extra: Any) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` as the wrapped processors see it: (B, H, S, D) tensors."""
+    proc = _CURRENT.get()
+    out = None
+    if proc is not None and query.ndim == 4:
+        why = "attention arguments hasten does not model" if extra else None
+        out = proc.attend(query, key, value, attn_mask, scale, dropout_p, is_causal, enable_gqa, why)
+    if out is None:
+        kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
+        return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                    **kw, **extra)
+    return out
+
+
+def _tokens(x: Any) -> int | None:
+    if not isinstance(x, torch.Tensor):
+        return None
+    if x.ndim == 4:  # UNet processors take (B, C, H, W)
+        return x.shape[2] * x.shape[3]
+    return x.shape[1] if x.ndim == 3 else None
 
 
 class SparseAttnProcessor:
-    """Wraps an original attention processor; routes its attention call through the AdaSpa policy."""
+    """Wraps one attention processor of one model; routes its self/joint attention through the policy.
 
-    def __init__(self, inner: Any, name: str, family: _Family, policy: AdaSpa, ctx: _Context) -> None:
-        self.inner, self.name, self.family, self.policy, self.ctx = inner, name, family, policy, ctx
-        self._globals = type(inner).__call__.__globals__
+    ``inner`` is the original processor object (its attributes, e.g. ``_attention_backend``, keep working).
+    Instances are made by :func:`wrap_processor`, which gives each processor class a subclass whose
+    ``__call__`` has the original's signature (diffusers filters keyword arguments by it).
+    """
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, **kwargs: Any) -> Any:
-        args: tuple = (attn, hidden_states, encoder_hidden_states, attention_mask)
-        if image_rotary_emb is not None:  # Wan/Flux pass it 4th positionally; SD3/Hunyuan-style by keyword
-            args += (image_rotary_emb,)
+    def __init__(self, inner: Any, name: str, policy: AdaSpa, ctx: _Context) -> None:
+        self.inner, self.name, self.policy, self.ctx = inner, name, policy, ctx
+        self._shape: tuple[int | None, int | None] = (None, None)
+        self._calls = 0
+
+    def __getattr__(self, name: str) -> Any:  # attributes of the original processor (e.g. _attention_backend)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # attributes the original processor has go to it: diffusers' enable_parallelism sets _parallel_config
+        # on every processor, and the wrapped code reads it from the original (else attention stays rank-local)
+        if name not in ("inner", "name", "policy", "ctx", "_shape", "_calls") and hasattr(self.inner, name):
+            setattr(self.inner, name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
+        route = _route(type(self.inner))
+        assert route is not None
+        fn, sig, _ = route
         if self.policy.config.off:
             return self.inner(*args, **kwargs)
-        fam = self.family
-        if fam.text == "none":
-            text_len = 0
-        elif fam.text_from_call:
-            text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
-        else:
-            text_len = self.ctx.text_len
-        original = self._globals[fam.fn_name]
-        replacement = self._sdpa(torch.nn.functional.scaled_dot_product_attention, text_len) \
-            if fam.fn_name == "F" else self._dispatch(original, text_len)
-        with _LOCK:
-            self._globals[fam.fn_name] = _FunctionalProxy(replacement) if fam.fn_name == "F" else replacement
-            try:
-                return self.inner(*args, **kwargs)
-            finally:
-                self._globals[fam.fn_name] = original
+        try:
+            bound = sig.bind_partial(self.inner, *args, **kwargs).arguments
+        except TypeError:
+            bound = {}
+        hs, ehs = bound.get("hidden_states"), bound.get("encoder_hidden_states")
+        if ehs is hs:  # self-attention written as attention to itself (Lumina 2)
+            ehs = None
+        self._shape = (_tokens(hs), _tokens(ehs))
+        self._calls = 0
+        token = _CURRENT.set(self)
+        try:
+            out = fn(self.inner, *args, **kwargs)
+        finally:
+            _CURRENT.reset(token)
+        if self._calls == 0 and self._shape[1] is None:  # self-attention that never reached the router
+            self.policy.fallback(f"{type(self.inner).__name__} attention not reachable")
+        return out
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-                text_len: int, attn_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+               scale: float | None, dropout_p: float, is_causal: bool, enable_gqa: bool,
+               why: str | None) -> torch.Tensor | None:
         """(B, H, S, D) attention by the policy, or None for the original dense path."""
-        S = k.shape[2]
-        if text_len >= S:
+        n = self._calls
+        self._calls += 1
+        hs_len, ehs_len = self._shape
+        S = q.shape[2]
+        added_kv = bool(ehs_len) and S == hs_len and k.shape[2] == S + ehs_len  # text keys first (AttnAddedKV)
+        if not added_kv and (S != k.shape[2] or (ehs_len is not None and S == hs_len and S != (hs_len or 0) + ehs_len)):
+            return None  # cross-attention: not a target of sparse attention
+        # self- or joint attention from here on: every dense answer is counted
+        if why is None and (dropout_p or is_causal or enable_gqa or q.shape[1] != k.shape[1]):
+            why = "dropout/causal/grouped-query attention"
+        if why is not None:
+            self.policy.fallback(why)
             return None
-        kv_lens = None
+        text_len = 0
+        if ehs_len and hs_len is not None and S == hs_len + ehs_len:  # joint text + image attention
+            text_len = ehs_len
+            self.ctx.joint = (S, ehs_len)
+        elif ehs_len is None and self.ctx.joint is not None and S == self.ctx.joint[0]:  # single-stream block
+            text_len = self.ctx.joint[1]
+        kv_mask = q_valid = None
         if attn_mask is not None:
-            kv_lens = suffix_padding_lengths(attn_mask, q.shape[0], S)
-            if kv_lens is None:  # a general mask: the original attention handles it
+            split = key_padding_mask(attn_mask, (q.shape[0], q.shape[1], S, k.shape[2]))
+            if split is None:
+                self.policy.fallback("attention mask other than key padding")
                 return None
-        if self.family.text == "front":
-            ranges: tuple[tuple[int, int], ...] = ((0, text_len),) if text_len else ()
-        elif self.family.text == "back":
-            ranges = ((S - text_len, S),) if text_len else ()
-        else:
-            ranges = ()
+            kv_mask, q_valid = split
+        # text tokens stay dense; where they sit (front or back) differs per model, so both ends are kept
+        ranges = ((0, text_len), (S - text_len, S)) if text_len else ()
+        if added_kv:
+            ranges = ((0, ehs_len),)
         B = q.shape[0]
         rows = self.ctx.rows
-        if len(rows) != B:  # a hook below this one runs a subset of the rows (a cache computing some branches)
+        layer = self.name if n == 0 else f"{self.name}#{n}"
+        if len(rows) != B:
             given = getattr(self.ctx.module, ROW_KEYS_ATTR, None)  # set by that hook through `row_keys`
-            rows = list(given) if given is not None and len(given) == B else [("row", B, i) for i in range(B)]
-        return self.policy.attend(self.name, rows, self.ctx.step, q, k, v, scale, ranges, kv_lens)
+            if given is not None and len(given) == B:  # a hook below runs a subset of the rows (a cache)
+                rows = list(given)
+            elif B == 1 and n < len(rows):  # a processor that loops over the batch one row at a time (Mochi)
+                rows, layer = [rows[n]], self.name
+            else:
+                rows = [("row", B, i) for i in range(B)]
+        out = self.policy.attend(layer, rows, self.ctx.step, q, k, v, scale, ranges, kv_mask=kv_mask)
+        if out is not None and q_valid is not None:
+            out = out * q_valid[..., None].to(out.dtype)
+        return out
 
-    def _dispatch(self, original: Callable, text_len: int) -> Callable:
-        def dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                     enable_gqa=False, *args, **kwargs):
-            plain = not dropout_p and not is_causal and not enable_gqa and not args \
-                and kwargs.get("parallel_config") is None and query.shape[1] == key.shape[1]  # (B, S, H, D)
-            out = None
-            if plain:
-                out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale,
-                                   text_len, attn_mask)
-            if out is None:
-                return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *args,
-                                **kwargs)
-            return out.transpose(1, 2)
 
-        return dispatch
+@functools.cache
+def _wrapper_class(cls: type) -> type:
+    sig = inspect.signature(cls.__call__)
 
-    def _sdpa(self, original: Callable, text_len: int) -> Callable:
-        def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-            out = None
-            if not dropout_p and not is_causal and not kwargs.get("enable_gqa"):
-                out = self._attend(query, key, value, scale, text_len, attn_mask)
-            if out is None:
-                return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                                scale=scale, **kwargs)
-            return out
+    def __call__(self: SparseAttnProcessor, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
+        return self._run(*args, **kwargs)
 
-        return sdpa
+    __call__.__signature__ = sig  # type: ignore[attr-defined]
+    return type("SparseAttnProcessor", (SparseAttnProcessor,), {"__call__": __call__, "__module__": __name__})
+
+
+def wrap_processor(inner: Any, name: str, policy: AdaSpa, ctx: _Context) -> SparseAttnProcessor:
+    """A wrapper of ``inner`` (whose class must be routable, see :func:`_route`)."""
+    return _wrapper_class(type(inner))(inner, name, policy, ctx)
+
+
+def attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every submodule with an attention ``processor`` (diffusers' Attention, AttentionModuleMixin, and
+    modules such as MochiAttention that hold a processor without ``set_processor``)."""
+    return {name: m for name, m in model.named_modules() if callable(getattr(m, "processor", None))}
+
+
+def _cross_only(attn: torch.nn.Module) -> bool:
+    """True for a module that only attends from image tokens to text (cross-attention, never sparsified)."""
+    return getattr(attn, "is_cross_attention", False) is True and getattr(attn, "add_k_proj", None) is None
+
+
+def _set_processor(attn: torch.nn.Module, proc: Any) -> None:
+    if callable(getattr(attn, "set_processor", None)):
+        attn.set_processor(proc)
+    else:
+        attn.processor = proc
 
 
 class SparseAttentionHook(DenoiserHook):
-    """Tells the policy about runs, steps, branches and text length; the forward itself is untouched."""
+    """Tells the policy about runs, steps and branches (the shared call pattern); the forward is untouched."""
 
-    def __init__(self, pipe: Any, policy: AdaSpa, ctx: _Context) -> None:
+    def __init__(self, pipe: Any, policy: AdaSpa, ctx: _Context, label: str) -> None:
         super().__init__(pipe)
-        self.policy, self.ctx = policy, ctx
+        self.policy, self.ctx, self.label = policy, ctx, label
+        self.active = False  # a run is in progress and its report is still due
+
+    def on_run_start(self, num_steps: int | None) -> None:
+        self.policy.begin_run()
+        self.active = True
 
     def on_run_end(self) -> None:
+        self.report()
         self.policy.end_run()
 
+    def report(self) -> None:
+        """Log once per run what sparse attention did (a run where nothing went sparse is a warning)."""
+        if self.active:
+            self.active = False
+            st = self.policy.stats
+            _report(st if st.calls else None, self.policy.config, self.label)
+
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        x = split_input(args, kwargs)
-        keys, _ = branch_keys(self.pipe_ref, self.context.name, x.shape[0], module)
-        if self.tracker.new_run_needed(keys):
-            self.policy.end_run()
-            self.tracker.start()
-            self.policy.begin_run()
-        steps = self.tracker.steps_for(keys)
-        ehs = kwargs.get("encoder_hidden_states")
-        self.ctx.rows, self.ctx.step, self.ctx.module = keys, max(steps), module
-        self.ctx.text_len = ehs.shape[1] if isinstance(ehs, torch.Tensor) and ehs.ndim == 3 else 0
-        return self.original()(*args, **kwargs)
+        with in_flight(self):
+            info = None
+            try:
+                info = self.identify(module, args, kwargs)
+                keys, step = list(info.keys), info.step
+            except UnsupportedModelError:  # no recognisable latent input (Z-Image takes a list): count calls
+                keys = [("call", 0)]
+                if self.tracker.new_run_needed(keys):
+                    self.on_run_end()
+                    self.tracker.start()
+                    self.on_run_start(self.tracker.num_steps)
+                step = self.tracker.steps_for(keys)[0]
+            self.ctx.rows, self.ctx.step, self.ctx.module, self.ctx.joint = keys, step, module, None
+            out = self.original()(*args, **kwargs)
+            if info is not None and self.pattern.last_call(info):
+                self.report()
+            return out
+
+
+def _report(st: AdaSpaStats | None, config: AdaSpaConfig, label: str) -> None:
+    """Log once per run what sparse attention did; a run where nothing went sparse is a warning."""
+    if config.off:
+        return
+    if st is None:
+        log.warning("hasten sparse attention had no effect on %s in this run: no self-attention call reached it "
+                    "(supported: %s)", label, SUPPORTED_TEXT)
+        return
+    if st.sparse_calls or st.search_calls:
+        log.info("hasten %s (%s)", st.summary(), label)
+        return
+    reasons = []
+    if st.dense_calls:
+        reasons.append(f"{st.dense_calls} self-attention calls stayed dense: sequences shorter than "
+                       f"min_seq_len={config.min_seq_len} or a run of no more than warmup_steps={config.warmup_steps} "
+                       f"steps")
+    reasons += [f"{n} calls dense: {why}" for why, n in sorted(st.fallbacks.items())]
+    log.warning("hasten sparse attention had no effect on %s in this run (%s)", label, "; ".join(reasons))
 
 
 class SparseAttentionFeature(Feature):
@@ -200,31 +354,45 @@ class SparseAttentionFeature(Feature):
     def __init__(self, pipe: Any, config: AdaSpaConfig) -> None:
         self.config = config
         self.modules = find_denoisers(pipe)
-        plans: dict[str, tuple[dict[str, Any], dict[str, Any], AdaSpa, _Context]] = {}
+        plans: dict[str, tuple[dict[str, tuple[torch.nn.Module, Any, Any]], AdaSpa, _Context]] = {}
+        self.unreached: dict[str, list[str]] = {}
         for comp, module in self.modules.items():
-            if not hasattr(module, "attn_processors") or not hasattr(module, "set_attn_processor"):
-                raise UnsupportedModelError(f"{type(module).__name__} has no attention processors; hasten's "
-                                            f"sparse attention supports {SUPPORTED_TEXT}.")
-            original = dict(module.attn_processors)
+            attns = attention_modules(module)
             policy, ctx = AdaSpa(config), _Context()
-            wrapped = {}
-            for name, proc in original.items():
-                fam = FAMILIES.get(type(proc).__name__)
-                if fam is not None and (fam.only is None or fam.only in name):
-                    wrapped[name] = SparseAttnProcessor(proc, name, fam, policy, ctx)
-            if not wrapped:
-                kinds = sorted({type(p).__name__ for p in original.values()})
-                raise UnsupportedModelError(f"{type(module).__name__} uses attention processors {kinds}; hasten's "
-                                            f"sparse attention supports {SUPPORTED_TEXT}.")
-            plans[comp] = (original, {**original, **wrapped}, policy, ctx)
-        self.originals: dict[str, dict[str, Any]] = {}
+            swaps, skipped = {}, set()
+            for name, attn in attns.items():
+                proc = attn.processor
+                if isinstance(proc, SparseAttnProcessor):
+                    proc = proc.inner
+                if isinstance(proc, torch.nn.Module) or _route(type(proc)) is None:
+                    skipped.add(type(proc).__name__)
+                    continue
+                swaps[name] = (attn, attn.processor, wrap_processor(proc, name, policy, ctx))
+            self_swaps = [n for n, (a, _, _) in swaps.items() if not _cross_only(a)]
+            if not self_swaps:
+                kinds = sorted({type(a.processor).__name__ for a in attns.values()})
+                what = f"attention processors {kinds}" if kinds else "no diffusers attention modules"
+                if swaps:
+                    what += (f" ({', '.join(sorted(skipped))} for self-attention, which calls no softmax attention "
+                             "hasten can route; the routable ones are cross-attention only)")
+                raise UnsupportedModelError(f"{type(module).__name__} has {what}; hasten's sparse attention supports "
+                                            f"{SUPPORTED_TEXT}.")
+            self.unreached[comp] = sorted(skipped)
+            if skipped:
+                log.warning("hasten sparse attention: %s keeps processors %s dense (they call no attention "
+                            "function hasten can route)", type(module).__name__, sorted(skipped))
+            plans[comp] = (swaps, policy, ctx)
+        self.originals: dict[str, dict[str, tuple[torch.nn.Module, Any]]] = {}
         self.policies: dict[str, AdaSpa] = {}
         try:
-            for comp, (original, new, policy, ctx) in plans.items():
+            for comp, (swaps, policy, ctx) in plans.items():
                 module = self.modules[comp]
-                self.originals[comp], self.policies[comp] = original, policy
-                attach(module, SparseAttentionHook(pipe, policy, ctx), HOOK_NAME, priority=PRIORITY)
-                module.set_attn_processor(dict(new))
+                self.policies[comp] = policy
+                self.originals[comp] = {n: (a, orig) for n, (a, orig, _) in swaps.items()}
+                attach(module, SparseAttentionHook(pipe, policy, ctx, f"{comp} {type(module).__name__}"), HOOK_NAME,
+                       priority=PRIORITY)
+                for attn, _, wrapper in swaps.values():
+                    _set_processor(attn, wrapper)
         except Exception:
             self.remove()  # leave the model exactly as it was
             raise
@@ -232,21 +400,24 @@ class SparseAttentionFeature(Feature):
     def remove(self) -> None:
         for comp, module in self.modules.items():
             detach(module, HOOK_NAME)
-            if comp in self.originals:
-                module.set_attn_processor(dict(self.originals[comp]))
+            for attn, orig in self.originals.get(comp, {}).values():
+                _set_processor(attn, orig)
         self.originals, self.policies = {}, {}
 
     def stats(self) -> dict[str, AdaSpaStats | None]:
         out: dict[str, AdaSpaStats | None] = {}
         for comp, policy in self.policies.items():
             cur = policy.stats
-            out[comp] = cur if (cur.dense_calls or cur.search_calls or cur.sparse_calls) else policy.last_run
+            out[comp] = cur if cur.calls else policy.last_run
         return out
 
 
 def enable_sparse_attention(pipe: Any, config: AdaSpaConfig | None = None, **kwargs: Any) -> Any:
     """Route the denoiser's self/joint attention through AdaSpa sparse attention; settings as in
     :class:`hasten.kernels.adaspa.AdaSpaConfig`. Calling it again replaces the settings. Returns the pipeline."""
+    if config is not None and not isinstance(config, AdaSpaConfig):
+        raise TypeError(f"config must be a hasten AdaSpaConfig (or pass keyword settings), got "
+                        f"{type(config).__name__} {config!r}")
     config = make_config(AdaSpaConfig, config, kwargs)
     return install(pipe, "sparse_attention", lambda: SparseAttentionFeature(pipe, config))
 

@@ -8,20 +8,33 @@ Shaped like torchao's ``quantize_(model, config)``::
     print(report.summary())
     dequantize_(model)                                   # the original nn.Linear layers are back
 
+A quantized layer is a real ``nn.Linear`` subclass whose ``weight`` is a :class:`QuantWeight` tensor
+subclass holding the packed data: code reading ``layer.weight`` or calling ``F.linear`` keeps working.
+
 Methods: :class:`Int8WeightOnlyConfig` (per-channel int8 + AWQ), :class:`Int4WeightOnlyConfig`
 (group-wise packed int4 + AWQ) and :class:`W8A8Config` (smoothed int8 weights and activations).
 """
 
 from __future__ import annotations
 
-from .base import DEFAULT_KEEP_PATTERNS, QuantConfig, QuantLinear
+from .base import (
+    DEFAULT_KEEP_PATTERNS,
+    QuantConfig,
+    QuantLinear,
+    QuantWeight,
+    is_quant_linear,
+    is_quant_weight,
+)
 from .calibration import CalibrationData, LayerStats, calibrate, record_activations
-from .int4 import Int4WeightOnlyConfig, Int4WeightOnlyLinear
-from .int8 import Int8WeightOnlyConfig, Int8WeightOnlyLinear
+from .int4 import Int4Weight, Int4WeightOnlyConfig, Int4WeightOnlyLinear
+from .int8 import Int8Weight, Int8WeightOnlyConfig, Int8WeightOnlyLinear
 from .quantize import (
+    METHOD_NAMES,
     QuantReport,
     WeightMemory,
     as_config,
+    check_not_empty,
+    config_for,
     dequantize_,
     plan_quantization,
     quant_report,
@@ -30,10 +43,19 @@ from .quantize import (
     weight_memory,
 )
 from .serialize import QuantFileError, load_quantized, save_quantized
-from .w8a8 import W8A8Config, W8A8Linear
+from .w8a8 import W8A8Config, W8A8Linear, W8A8Weight
 
 __all__ = [
     "DEFAULT_KEEP_PATTERNS",
+    "METHOD_NAMES",
+    "Int4Weight",
+    "Int8Weight",
+    "QuantWeight",
+    "W8A8Weight",
+    "check_not_empty",
+    "config_for",
+    "is_quant_linear",
+    "is_quant_weight",
     "CalibrationData",
     "Int4WeightOnlyConfig",
     "Int4WeightOnlyLinear",

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ..validation import check_bool, check_choice, check_float, check_int, check_str_tuple
 
 # Names (regular expressions, searched in the lower-cased module path) of layers carrying the timestep
 # embedding or the adaptive-norm modulation computed from it: QuEST finds these most sensitive, so
@@ -75,24 +78,23 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        self.keep_patterns = tuple(self.keep_patterns)
-        self.exclude = tuple(self.exclude)
+        self.keep_patterns = check_str_tuple(name, "keep_patterns", self.keep_patterns)
+        self.exclude = check_str_tuple(name, "exclude", self.exclude)
         for p in self.keep_patterns + self.exclude:
             try:
                 re.compile(p)
             except re.error as exc:
                 raise ValueError(f"{name}: invalid layer-name regex {p!r}: {exc}") from exc
         b = self.keep_budget
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 0:
-            raise ValueError(f"{name}.keep_budget must be a fraction in [0, 1) or a count >= 1, got {b!r}")
-        if isinstance(b, float) and b >= 1.0 and not b.is_integer():
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise TypeError(f"{name}.keep_budget must be a fraction in [0, 1) or a count >= 1, got {b!r}")
+        b = check_float(name, "keep_budget", b, lo=0.0)
+        if b >= 1.0 and not b.is_integer():
             raise ValueError(f"{name}.keep_budget must be a fraction in [0, 1) or a whole count, got {b}")
-        if not (math.isfinite(self.keep_min_error) and self.keep_min_error >= 0):
-            raise ValueError(f"{name}.keep_min_error must be a finite number >= 0, got {self.keep_min_error}")
-        if self.sample_rows < 1:
-            raise ValueError(f"{name}.sample_rows must be >= 1, got {self.sample_rows}")
-        if self.keep_precision not in ("float", "int8"):
-            raise ValueError(f"{name}.keep_precision must be 'float' or 'int8', got {self.keep_precision!r}")
+        self.keep_min_error = check_float(name, "keep_min_error", self.keep_min_error, lo=0.0)
+        self.restorable = check_bool(name, "restorable", self.restorable)
+        self.sample_rows = check_int(name, "sample_rows", self.sample_rows, lo=1, hi=1 << 20)
+        self.keep_precision = check_choice(name, "keep_precision", self.keep_precision, ("float", "int8"))
 
     def keep_count(self, n_layers: int) -> int:
         """Number of measured-sensitive layers to keep out of ``n_layers`` quantizable ones."""
@@ -112,57 +114,229 @@ class QuantConfig:
         return {"method": self.method, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
 
 
-class QuantLinear(nn.Module):
-    """Base of the quantized replacements of ``nn.Linear``; subclasses define the buffers and forward."""
+class QuantWeight(torch.Tensor):
+    """The weight of a quantized linear, as a tensor: drop-in for code that reads ``layer.weight``.
+
+    A wrapper tensor subclass (torchao's design) with the *logical* shape ``[out, in]``, the original
+    float dtype and the device of its integer data, holding the packed tensors (``qweight``, scales, ...)
+    inside. ``F.linear(x, w, b)`` runs the quantized GEMM (:meth:`linear`); every other operation sees the
+    dequantized float weight (``w.t()``, ``w * 2``, ``w.float().mean()``...); ``.to(device)`` / ``.to(dtype)``
+    / ``detach`` / ``clone`` / ``deepcopy`` keep it quantized (a dtype change only changes the float dtype
+    it computes in); in-place writes raise (the weight is read-only: dequantize first). ``nbytes`` is the
+    real size of the packed data.
+    """
 
     method: ClassVar[str] = "base"
-    # buffers whose bytes count as quantization metadata (stored in their own dtype whatever the model's)
-    _int_buffers: ClassVar[tuple[str, ...]] = ()
+    inner_names: ClassVar[tuple[str, ...]] = ("qweight",)  # tensors held; all but qweight may be None
 
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        # the bias stays a (frozen) float Parameter: model code reads a submodule's dtype from its parameters
-        # (e.g. diffusers' Wan: ``next(iter(self.time_embedder.parameters())).dtype``)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+    @staticmethod
+    def __new__(cls, tensors: dict[str, torch.Tensor | None], extra: dict[str, Any], dtype: torch.dtype
+                ) -> QuantWeight:
+        q = tensors["qweight"]
+        assert q is not None
+        return torch.Tensor._make_wrapper_subclass(cls, cls.logical_shape(tensors, extra), dtype=dtype,
+                                                   device=q.device, requires_grad=False)
 
-    def extra_config(self) -> dict[str, Any]:
-        """Per-layer settings saved next to the tensors (enough to rebuild an empty module)."""
-        return {}
+    def __init__(self, tensors: dict[str, torch.Tensor | None], extra: dict[str, Any], dtype: torch.dtype) -> None:
+        for name in self.inner_names:
+            setattr(self, name, tensors.get(name))
+        self.extra = dict(extra)
 
     @classmethod
-    def empty(cls, in_features: int, out_features: int, has_bias: bool, bias_dtype: torch.dtype,
-              extra: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QuantLinear:  # pragma: no cover
+    def logical_shape(cls, tensors: dict[str, torch.Tensor | None], extra: dict[str, Any]) -> tuple[int, int]:
+        q = tensors["qweight"]
+        assert q is not None
+        return (q.shape[0], q.shape[1])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The packed tensors actually held (optional ones that are None left out)."""
+        return {n: t for n in self.inner_names if (t := getattr(self, n)) is not None}
+
+    def _rebuild(self, fn: Any, dtype: torch.dtype | None = None) -> QuantWeight:
+        return type(self)({n: fn(t) for n, t in self.tensors().items()}, self.extra, dtype or self.dtype)
+
+    # -- what a subclass defines
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:  # type: ignore[override]
+        """The effective float weight ``W_hat`` (``F.linear(x, W_hat, b)`` ~= the quantized linear)."""
         raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear(x, self, bias)`` through the quantized kernel."""
+        raise NotImplementedError
+
+    # -- storage
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def nbytes(self) -> int:  # type: ignore[override]
+        return self.storage_bytes()
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return (f"{type(self).__name__}(method={self.method}, shape={tuple(self.shape)}, dtype={self.dtype}, "
+                f"device={self.device}, bytes={self.storage_bytes()})")
+
+    # -- torch integration (torch.compile / swap_tensors need flatten/unflatten)
+    def __tensor_flatten__(self) -> tuple[list[str], tuple]:
+        return list(self.tensors()), (self.dtype, dict(self.extra))
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner: dict[str, torch.Tensor], ctx: tuple, outer_size: Any,
+                             outer_stride: Any) -> QuantWeight:
+        return cls(dict(inner), ctx[1], ctx[0])
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x = args[0] if args else kwargs["input"]
+            w = args[1] if len(args) > 1 else kwargs["weight"]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if is_quant_weight(w) and not is_quant_weight(x) and not (b is not None and is_quant_weight(b)):
+                return w.linear(x, b)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func in (aten.detach.default, aten.alias.default):
+            return args[0]._rebuild(lambda t: t)
+        if func is aten.clone.default:
+            return args[0]._rebuild(lambda t: t.clone())
+        if func is aten._to_copy.default and (kwargs.get("dtype") is None or kwargs["dtype"].is_floating_point):
+            w = args[0]
+            device = kwargs.get("device") or w.device
+            nb = bool(kwargs.get("non_blocking", False))
+            return w._rebuild(lambda t: t.to(device, non_blocking=nb), kwargs.get("dtype") or w.dtype)
+        for i, arg in enumerate(func._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                v = args[i] if i < len(args) else kwargs.get(arg.name)
+                if is_quant_weight(v):
+                    raise RuntimeError(
+                        f"hasten: the weight of a quantized linear is read-only ({func} would write into it); "
+                        "call hasten.dequantize_(module) / pipe.dequantize() first, or replace the parameter")
+
+        def plain(t: Any) -> Any:
+            return t.dequantize() if is_quant_weight(t) else t
+
+        return func(*[plain(a) for a in args], **{k: plain(v) for k, v in kwargs.items()})
+
+
+def is_quant_weight(t: Any) -> bool:
+    """A hasten quantized weight, also one made by another copy of this package (ComfyUI loads the same
+    folder under another module name)."""
+    return isinstance(t, QuantWeight) or (isinstance(t, torch.Tensor) and hasattr(t, "inner_names")
+                                          and callable(getattr(t, "linear", None)))
+
+
+class QuantLinear(nn.Linear):
+    """Base of the quantized replacements of ``nn.Linear``: a real ``nn.Linear`` subclass (``isinstance``
+    checks hold, ``forward(input=...)`` works) whose ``weight`` parameter is a :class:`QuantWeight` (code
+    reading ``layer.weight`` — shape, dtype, device or the tensor — keeps working while memory stays
+    quantized). If something replaces ``weight`` by a float parameter (e.g. a LoRA patcher), that runs."""
+
+    method: ClassVar[str] = "base"
+    weight_class: ClassVar[type[QuantWeight]] = QuantWeight
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None) -> None:  # noqa: D107
+        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a full float weight
+        self.in_features = int(weight.shape[1])
+        self.out_features = int(weight.shape[0])
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        # the bias stays a (frozen) float Parameter: model code reads a submodule's dtype from its parameters
+        # (e.g. diffusers' Wan: ``next(iter(self.time_embedder.parameters())).dtype``)
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def reset_parameters(self) -> None:
+        """Nothing to initialise: the weight comes quantized (nn.Linear's init would write into it)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's argument name
+        w = self.weight
+        if is_quant_weight(w):
+            return w.linear(input, self.bias)
+        return F.linear(input, w, self.bias)
+
+    # the packed tensors, by name (read-only views of the weight's data)
+    def _inner(self, name: str) -> torch.Tensor | None:
+        return getattr(self.weight, name, None)
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        q = self._inner("qweight")
+        if q is None:
+            raise AttributeError(f"{type(self).__name__}.weight is no longer quantized ({type(self.weight).__name__})")
+        return q
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        return self._inner("scale")
+
+    @property
+    def input_scale(self) -> torch.Tensor | None:
+        return self._inner("input_scale")
+
+    def extra_config(self) -> dict[str, Any]:
+        """Per-layer settings saved next to the tensors (enough to rebuild the layer)."""
+        return dict(getattr(self.weight, "extra", {}))
+
+    @classmethod
+    def check_tensors(cls, in_features: int, out_features: int, extra: dict[str, Any],
+                      tensors: dict[str, torch.Tensor]) -> None:  # pragma: no cover - per method
+        """Raise ``ValueError`` unless ``tensors`` / ``extra`` are a valid layer of this method and shape."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], extra: dict[str, Any], dtype: torch.dtype,
+                     bias: torch.Tensor | None) -> QuantLinear:
+        """Rebuild a layer from its saved packed tensors (``check_tensors`` first)."""
+        return cls(cls.weight_class(dict(tensors), extra, dtype), bias)
 
     def storage_bytes(self, float_bytes: int = 2) -> int:
-        """Bytes of this layer if float activations/biases were ``float_bytes`` wide (bf16 = 2): integer
-        weights and quantization scales count at their real size."""
-        total = 0
-        for name, buf in list(self.named_buffers(recurse=False)) + list(self.named_parameters(recurse=False)):
-            if buf is None:
-                continue
-            if name == "bias":
-                total += buf.numel() * float_bytes
-            else:
-                total += buf.numel() * buf.element_size()
+        """Bytes of this layer if float biases were ``float_bytes`` wide (bf16 = 2): integer weights and
+        quantization scales count at their real size."""
+        w = self.weight
+        total = w.storage_bytes() if is_quant_weight(w) else w.numel() * float_bytes
+        if self.bias is not None:
+            total += self.bias.numel() * float_bytes
         return total
 
-    def dequantized_weight(self) -> torch.Tensor:  # pragma: no cover
+    def dequantized_weight(self) -> torch.Tensor:
         """The effective float weight ``W_hat`` such that ``forward(x) ~= x @ W_hat.T + bias`` (fp32)."""
-        raise NotImplementedError
+        w = self.weight
+        return w.dequantize(torch.float32) if is_quant_weight(w) else w.detach().float()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, method={self.method}")
 
 
-def is_quant_linear(module: nn.Module) -> bool:
+def is_quant_linear(module: Any) -> bool:
     """A hasten quantized linear, also one built by another copy of this package (ComfyUI loads the same
     folder under another module name, so ``isinstance`` alone is not enough)."""
     return isinstance(module, QuantLinear) or (
-        isinstance(module, nn.Module) and hasattr(module, "qweight") and callable(getattr(module, "storage_bytes", None))
-        and callable(getattr(module, "extra_config", None)))
+        isinstance(module, nn.Module) and isinstance(getattr(module, "method", None), str)
+        and callable(getattr(module, "storage_bytes", None)) and callable(getattr(module, "extra_config", None))
+        and callable(getattr(module, "dequantized_weight", None)))
+
+
+def check_shape(name: str, t: Any, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]) -> None:
+    """``ValueError`` unless ``t`` is a tensor of ``shape`` with a dtype in ``dtypes``."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"tensor {name!r} is missing")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"tensor {name!r} has dtype {t.dtype}, expected one of {[str(d) for d in dtypes]}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"tensor {name!r} holds non-finite values")
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass

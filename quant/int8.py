@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..kernels.quant_gemm import dequant_int8_ref, int8_weight_linear
-from .base import QuantConfig, QuantLinear, fit_dtype, search_awq
+from ..validation import check_int
+from .base import FLOAT_DTYPES, QuantConfig, QuantLinear, QuantWeight, check_shape, fit_dtype, search_awq
 
 
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,8 +49,7 @@ class Int8WeightOnlyConfig(QuantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 <= self.awq_grid <= 1000:
-            raise ValueError(f"Int8WeightOnlyConfig.awq_grid must be in [0, 1000], got {self.awq_grid}")
+        self.awq_grid = check_int(type(self).__name__, "awq_grid", self.awq_grid, lo=0, hi=1000)
         if self.keep_precision != "float":
             raise ValueError("Int8WeightOnlyConfig.keep_precision must be 'float' (int8 is this method itself)")
 
@@ -59,31 +59,56 @@ class Int8WeightOnlyConfig(QuantConfig):
         if stats is not None and self.awq_grid > 0 and stats.samples.shape[0] > 0:
             m, _ = search_awq(w, stats.mean_abs, stats.samples, self.awq_grid, fake_quant_int8)
         q, scale = quantize_int8_rows(w / m if m is not None else w)
-        return Int8WeightOnlyLinear(q, scale, linear.bias, None if m is None else fit_dtype(m))
+        return Int8WeightOnlyLinear(q, scale, linear.bias, None if m is None else fit_dtype(m),
+                                    dtype=linear.weight.dtype)
+
+
+class Int8Weight(QuantWeight):
+    """Int8 per-output-channel weight: ``qweight`` int8 ``[N, K]``, ``scale`` ``[N]``, optional AWQ
+    ``input_scale`` ``[K]`` (``W_hat = qweight * scale[:, None] * input_scale[None, :]``)."""
+
+    method: ClassVar[str] = "int8_weight_only"
+    inner_names: ClassVar[tuple[str, ...]] = ("qweight", "scale", "input_scale")
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:  # type: ignore[override]
+        w = dequant_int8_ref(self.qweight, self.scale, torch.float32)
+        if self.input_scale is not None:
+            w = w * self.input_scale.float()[None, :]
+        return w.to(dtype or self.dtype)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
+        return int8_weight_linear(x, self.qweight, self.scale, bias)
 
 
 class Int8WeightOnlyLinear(QuantLinear):
     """``nn.Linear`` replacement holding an int8 per-channel weight (and an optional AWQ input scale)."""
 
     method: ClassVar[str] = "int8_weight_only"
+    weight_class: ClassVar[type[QuantWeight]] = Int8Weight
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 input_scale: torch.Tensor | None = None) -> None:
-        super().__init__(qweight.shape[1], qweight.shape[0], bias)
-        self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.contiguous())
-        self.register_buffer("input_scale", None if input_scale is None else input_scale.contiguous())
+    def __init__(self, qweight: torch.Tensor | Int8Weight, scale: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if not isinstance(qweight, Int8Weight):
+            assert scale is not None
+            qweight = Int8Weight({"qweight": qweight.to(torch.int8).contiguous(), "scale": scale.contiguous(),
+                                  "input_scale": None if input_scale is None else input_scale.contiguous()},
+                                 {}, dtype)
+        super().__init__(qweight, bias)
 
     @classmethod
-    def empty(cls, in_features: int, out_features: int, has_bias: bool, bias_dtype: torch.dtype,
-              extra: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Int8WeightOnlyLinear:
-        return cls(tensors["qweight"], tensors["scale"], tensors.get("bias"), tensors.get("input_scale"))
+    def check_tensors(cls, in_features: int, out_features: int, extra: dict[str, Any],
+                      tensors: dict[str, torch.Tensor]) -> None:
+        if extra:
+            raise ValueError(f"int8 layers take no settings, got {sorted(extra)}")
+        check_shape("qweight", tensors.get("qweight"), (out_features, in_features), (torch.int8,))
+        check_shape("scale", tensors.get("scale"), (out_features,), FLOAT_DTYPES)
+        if "input_scale" in tensors:
+            check_shape("input_scale", tensors["input_scale"], (in_features,), FLOAT_DTYPES)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_scale is not None:
-            x = x * self.input_scale.to(x.dtype)
-        return int8_weight_linear(x, self.qweight, self.scale, self.bias)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        w = dequant_int8_ref(self.qweight, self.scale, torch.float32)
-        return w if self.input_scale is None else w * self.input_scale.float()[None, :]
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], extra: dict[str, Any], dtype: torch.dtype,
+                     bias: torch.Tensor | None) -> QuantLinear:
+        return cls(Int8Weight(dict(tensors), extra, dtype), bias=bias)

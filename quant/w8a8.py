@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..kernels.quant_gemm import dequant_int8_ref, w8a8_linear
-from .base import QuantConfig, QuantLinear, relative_error
+from ..validation import check_choice, check_float
+from .base import FLOAT_DTYPES, QuantConfig, QuantLinear, QuantWeight, check_shape, relative_error
 from .int8 import quantize_int8_rows
 
 
@@ -52,15 +53,16 @@ class W8A8Config(QuantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
-            raise ValueError(f"W8A8Config.smooth_alpha must be in [0, 1] or None, got {self.smooth_alpha}")
-        if self.activation not in ("static", "dynamic"):
-            raise ValueError(f"W8A8Config.activation must be 'static' or 'dynamic', got {self.activation!r}")
-        if not self.fallback_ratio >= 1.0:
-            raise ValueError(f"W8A8Config.fallback_ratio must be >= 1, got {self.fallback_ratio}")
+        name = type(self).__name__
+        if self.smooth_alpha is not None:
+            self.smooth_alpha = check_float(name, "smooth_alpha", self.smooth_alpha)
+            if not 0.0 <= self.smooth_alpha <= 1.0:
+                raise ValueError(f"{name}.smooth_alpha must be in [0, 1] or None, got {self.smooth_alpha}")
+        self.activation = check_choice(name, "activation", self.activation, ("static", "dynamic"))
+        self.fallback_ratio = check_float(name, "fallback_ratio", self.fallback_ratio, lo=1.0)
 
     def _build(self, w: torch.Tensor, bias: torch.Tensor | None, absmax: torch.Tensor | None,
-               alpha: float, mode: str) -> W8A8Linear:
+               alpha: float, mode: str, dtype: torch.dtype = torch.float32) -> W8A8Linear:
         if absmax is None:
             mult = torch.ones(w.shape[1], device=w.device)
         else:
@@ -72,13 +74,13 @@ class W8A8Config(QuantConfig):
             d = float((absmax.to(w.device) * mult).max().clamp_min(1e-8)) / 127.0
             mult = mult / d
         q, scale = quantize_int8_rows(w / mult[None, :])
-        return W8A8Linear(q, scale, bias, mult.float(), mode)
+        return W8A8Linear(q, scale, bias, mult.float(), mode, dtype=dtype)
 
     def quantize_linear(self, linear: nn.Linear, stats: Any | None) -> W8A8Linear:
         w = linear.weight.detach().float()
         bias = linear.bias
         if stats is None or stats.samples.shape[0] == 0:
-            return self._build(w, bias, None, 0.0, "dynamic")
+            return self._build(w, bias, None, 0.0, "dynamic", linear.weight.dtype)
         x = stats.samples.to(w.device, torch.float32)
         ref = x @ w.t()
         alphas = [self.smooth_alpha] if self.smooth_alpha is not None else [i / 10 for i in range(11)]
@@ -86,7 +88,7 @@ class W8A8Config(QuantConfig):
         best: dict[str, tuple[float, W8A8Linear]] = {}
         for mode in modes:
             for alpha in alphas:
-                mod = self._build(w, None, stats.absmax, alpha, mode)
+                mod = self._build(w, None, stats.absmax, alpha, mode, linear.weight.dtype)
                 err = relative_error(ref, mod(x))
                 if mode not in best or err < best[mode][0]:
                     best[mode] = (err, mod)
@@ -98,29 +100,21 @@ class W8A8Config(QuantConfig):
         return chosen
 
 
-class W8A8Linear(QuantLinear):
-    """``nn.Linear`` replacement computing an int8 x int8 GEMM with per-token or static activation scales."""
+class W8A8Weight(QuantWeight):
+    """Int8 weight of a W8A8 layer: ``qweight`` int8 ``[N, K]``, ``scale`` ``[N]``, ``input_scale`` fp32
+    ``[K]`` (smoothing, and for static activations the quantization step); ``extra = {"activation": ...}``.
+    ``F.linear`` quantizes the input to int8 and runs the int8 x int8 GEMM."""
 
     method: ClassVar[str] = "w8a8"
+    inner_names: ClassVar[tuple[str, ...]] = ("qweight", "scale", "input_scale")
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 input_scale: torch.Tensor, activation: str) -> None:
-        super().__init__(qweight.shape[1], qweight.shape[0], bias)
-        if activation not in ("static", "dynamic"):
-            raise ValueError(f"activation must be 'static' or 'dynamic', got {activation!r}")
-        self.activation = activation
-        self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.contiguous())
-        self.register_buffer("input_scale", input_scale.to(torch.float32).contiguous())
+    @property
+    def activation(self) -> str:
+        return str(self.extra["activation"])
 
-    def extra_config(self) -> dict[str, Any]:
-        return {"activation": self.activation}
-
-    @classmethod
-    def empty(cls, in_features: int, out_features: int, has_bias: bool, bias_dtype: torch.dtype,
-              extra: dict[str, Any], tensors: dict[str, torch.Tensor]) -> W8A8Linear:
-        return cls(tensors["qweight"], tensors["scale"], tensors.get("bias"), tensors["input_scale"],
-                   str(extra["activation"]))
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:  # type: ignore[override]
+        w = dequant_int8_ref(self.qweight, self.scale, torch.float32) * self.input_scale.float()[None, :]
+        return w.to(dtype or self.dtype)
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """int8 activations ``[M, K]`` and their per-row scale ``[M]``."""
@@ -132,13 +126,50 @@ class W8A8Linear(QuantLinear):
             xs = xs / row[:, None]
         return torch.round(xs).clamp_(-127, 127).to(torch.int8), row
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         a, row = self.quantize_input(x)
-        y = w8a8_linear(a, row, self.qweight, self.scale, self.bias, x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        y = w8a8_linear(a, row, self.qweight, self.scale, bias, x.dtype)
+        return y.reshape(*x.shape[:-1], self.shape[0])
 
-    def dequantized_weight(self) -> torch.Tensor:
-        return dequant_int8_ref(self.qweight, self.scale, torch.float32) * self.input_scale[None, :]
+
+class W8A8Linear(QuantLinear):
+    """``nn.Linear`` replacement computing an int8 x int8 GEMM with per-token or static activation scales."""
+
+    method: ClassVar[str] = "w8a8"
+    weight_class: ClassVar[type[QuantWeight]] = W8A8Weight
+
+    def __init__(self, qweight: torch.Tensor | W8A8Weight, scale: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
+                 activation: str = "dynamic", dtype: torch.dtype = torch.float32) -> None:
+        if not isinstance(qweight, W8A8Weight):
+            if activation not in ("static", "dynamic"):
+                raise ValueError(f"activation must be 'static' or 'dynamic', got {activation!r}")
+            assert scale is not None and input_scale is not None
+            qweight = W8A8Weight({"qweight": qweight.to(torch.int8).contiguous(), "scale": scale.contiguous(),
+                                  "input_scale": input_scale.to(torch.float32).contiguous()},
+                                 {"activation": activation}, dtype)
+        super().__init__(qweight, bias)
+
+    @property
+    def activation(self) -> str:
+        return str(self.extra_config()["activation"])
+
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight.quantize_input(x)
+
+    @classmethod
+    def check_tensors(cls, in_features: int, out_features: int, extra: dict[str, Any],
+                      tensors: dict[str, torch.Tensor]) -> None:
+        if set(extra) != {"activation"} or extra["activation"] not in ("static", "dynamic"):
+            raise ValueError(f"w8a8 layers need activation 'static' or 'dynamic', got {extra!r}")
+        check_shape("qweight", tensors.get("qweight"), (out_features, in_features), (torch.int8,))
+        check_shape("scale", tensors.get("scale"), (out_features,), FLOAT_DTYPES)
+        check_shape("input_scale", tensors.get("input_scale"), (in_features,), (torch.float32,))
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], extra: dict[str, Any], dtype: torch.dtype,
+                     bias: torch.Tensor | None) -> QuantLinear:
+        return cls(W8A8Weight(dict(tensors), extra, dtype), bias=bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", activation={self.activation}"

@@ -13,18 +13,26 @@ so the sampler always sees a latent on its expected noise level:
   resolution-dependent shift of SD3, sqrt of the token ratio). A low-resolution stage therefore ends
   at a lower noise level than the full-resolution one resumes at: going back up re-injects noise.
 * DDPM-style (``x = sqrt(a) x0 + sqrt(1 - a) eps``): the scheduler's ``x0`` prediction is resized and
-  re-noised with ``a = alpha_bar`` of the next timestep (no timestep shift for these schedules).
+  re-noised with ``a = alpha_bar`` of the next timestep (no timestep shift for these schedules);
+  sigma-scaled samplers (Euler, ``x = x0 + sigma eps``) likewise with ``a = 1 / (1 + sigma^2)``.
+
+The re-injected noise of each image is drawn from a seed derived from that image's own starting noise
+(:func:`noise_seeds`): it follows the user's seed and does not depend on the rest of the batch.
 
 Image latents (B, C, H, W) and video latents (B, C, F, H, W) are resized in H and W only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..validation import check_choice, check_float, check_float_tuple, check_seed
 
 
 @dataclass
@@ -39,7 +47,9 @@ class BottleneckConfig:
         shifts: per-stage timestep-shift multiplier for flow-matching schedules (None = the stage's scale).
         renoise: extra noise at each up-sampling, as a fraction of the remaining gap to pure noise, in [0, 1).
         upsample: interpolation mode for going up ("nearest", "bilinear", "bicubic").
-        seed: seed of the re-injected noise (per stage and batch row, so batching does not change results).
+        seed: salt mixed into the re-injected noise. The noise itself follows each image's own starting
+            noise (so the user's seed/generator decides it, and an image does not depend on its place in
+            the batch); change ``seed`` only to draw a different re-noising for the same images.
     """
 
     scales: tuple[float, ...] = (1.0, 0.5, 1.0)
@@ -50,27 +60,26 @@ class BottleneckConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.scales = tuple(float(s) for s in self.scales)
-        self.boundaries = tuple(float(b) for b in self.boundaries)
+        own = "BottleneckConfig"
+        self.scales = check_float_tuple(own, "scales", self.scales, lo=0.0, hi=1.0, lo_open=True)
         if len(self.scales) < 1:
             raise ValueError("BottleneckConfig.scales needs at least one stage")
         if self.scales[0] != 1.0 or self.scales[-1] != 1.0:
             raise ValueError(f"BottleneckConfig.scales must start and end at 1.0 (full resolution), got {self.scales}")
-        if any(not 0.0 < s <= 1.0 for s in self.scales):
-            raise ValueError(f"BottleneckConfig.scales must each be in (0, 1], got {self.scales}")
+        self.boundaries = check_float_tuple(own, "boundaries", self.boundaries, lo=0.0, hi=1.0, lo_open=True)
         if len(self.boundaries) != len(self.scales) - 1:
             raise ValueError(f"BottleneckConfig.boundaries needs {len(self.scales) - 1} values (one per stage "
                              f"transition), got {len(self.boundaries)}")
-        if any(not 0.0 < b < 1.0 for b in self.boundaries) or list(self.boundaries) != sorted(set(self.boundaries)):
+        if any(b >= 1.0 for b in self.boundaries) or list(self.boundaries) != sorted(set(self.boundaries)):
             raise ValueError(f"BottleneckConfig.boundaries must be strictly increasing in (0, 1), got {self.boundaries}")
         if self.shifts is not None:
-            self.shifts = tuple(float(s) for s in self.shifts)
-            if len(self.shifts) != len(self.scales) or any(s <= 0 for s in self.shifts):
-                raise ValueError(f"BottleneckConfig.shifts needs {len(self.scales)} positive values, got {self.shifts}")
-        if not 0.0 <= self.renoise < 1.0:
-            raise ValueError(f"BottleneckConfig.renoise must be in [0, 1), got {self.renoise}")
-        if self.upsample not in ("nearest", "bilinear", "bicubic"):
-            raise ValueError(f"BottleneckConfig.upsample must be nearest, bilinear or bicubic, got {self.upsample!r}")
+            self.shifts = check_float_tuple(own, "shifts", self.shifts, length=len(self.scales), lo=0.0,
+                                            lo_open=True)
+            if any(s > 1e3 for s in self.shifts):
+                raise ValueError(f"BottleneckConfig.shifts must each be in (0, 1000], got {self.shifts}")
+        self.renoise = check_float(own, "renoise", self.renoise, lo=0.0, hi=1.0, hi_open=True)
+        self.upsample = check_choice(own, "upsample", self.upsample, ("nearest", "bilinear", "bicubic"))
+        self.seed = check_seed(own, "seed", self.seed)
 
     @property
     def is_off(self) -> bool:
@@ -159,34 +168,63 @@ def resize_latent(x: torch.Tensor, size: tuple[int, int], mode: str = "bicubic")
     raise ValueError(f"bottleneck sampling handles 4D image or 5D video latents, got shape {tuple(x.shape)}")
 
 
-def fresh_noise(like: torch.Tensor, seed: int, stage: int) -> torch.Tensor:
-    """Deterministic noise per (seed, stage, batch row), so row i does not depend on the batch size."""
+def noise_seeds(initial: torch.Tensor, salt: int = 0) -> list[int]:
+    """One re-noising seed per batch row, derived from that row's starting latent (and ``salt``).
+
+    The starting latent is the noise the user's seed/generator drew, so the re-injected noise follows
+    the user's seed (different seeds stay as diverse as without bottleneck sampling), and a row's noise
+    does not depend on the other rows of the batch or on its position in it.
+    """
+    seeds = []
+    for row in initial.detach().to("cpu", torch.float32).contiguous():
+        h = hashlib.blake2b(row.numpy().tobytes(), digest_size=8, key=str(int(salt)).encode())
+        seeds.append(int.from_bytes(h.digest(), "little") & (2**63 - 1))
+    return seeds
+
+
+def fresh_noise(like: torch.Tensor, seeds: Sequence[int], stage: int) -> torch.Tensor:
+    """Standard normal noise shaped like ``like``: row ``i`` from ``seeds[i]`` and the stage index."""
+    if len(seeds) != like.shape[0]:
+        raise ValueError(f"fresh_noise needs one seed per batch row ({like.shape[0]}), got {len(seeds)}")
     rows = []
-    for i in range(like.shape[0]):
-        g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + stage * 10_007 + i)
+    for s in seeds:
+        g = torch.Generator(device="cpu").manual_seed((int(s) * 1_000_003 + stage * 10_007) % (2**63 - 1))
         rows.append(torch.randn(like.shape[1:], generator=g, dtype=torch.float32))
     return torch.stack(rows).to(device=like.device, dtype=like.dtype)
 
 
 def flow_transition(x: torch.Tensor, v: torch.Tensor, sigma: float, next_sigma: float, size: tuple[int, int],
-                    config: BottleneckConfig, stage: int) -> torch.Tensor:
+                    config: BottleneckConfig, stage: int, seeds: Sequence[int]) -> torch.Tensor:
     """Flow matching: move latent ``x`` (at ``sigma``, velocity ``v``) to ``size`` at ``next_sigma``."""
     x0 = x.float() - sigma * v.float()
     x0 = resize_latent(x0, size, config.upsample)
     s = next_sigma + config.renoise * (1.0 - next_sigma) if size[0] > x.shape[-2] else next_sigma
-    noise = fresh_noise(x0, config.seed, stage)
+    noise = fresh_noise(x0, seeds, stage)
     return ((1.0 - s) * x0 + s * noise).to(x.dtype)
 
 
 def ddpm_transition(x0: torch.Tensor, alpha_bar: float, size: tuple[int, int], config: BottleneckConfig,
-                    stage: int) -> torch.Tensor:
-    """DDPM-style: re-noise the resized clean estimate to ``alpha_bar`` of the next timestep."""
+                    stage: int, seeds: Sequence[int]) -> torch.Tensor:
+    """DDPM-style (``x = sqrt(a) x0 + sqrt(1 - a) eps``): re-noise the resized clean estimate to ``a``."""
     up = size[0] > x0.shape[-2]
     y = resize_latent(x0.float(), size, config.upsample)
     if up and config.renoise > 0:
         alpha_bar = alpha_bar * (1.0 - config.renoise)
-    noise = fresh_noise(y, config.seed, stage)
+    noise = fresh_noise(y, seeds, stage)
     return (math.sqrt(alpha_bar) * y + math.sqrt(1.0 - alpha_bar) * noise).to(x0.dtype)
+
+
+def ve_transition(x0: torch.Tensor, sigma: float, size: tuple[int, int], config: BottleneckConfig,
+                  stage: int, seeds: Sequence[int]) -> torch.Tensor:
+    """Sigma-scaled (k-diffusion / Euler, ``x = x0 + sigma eps``): the same re-noising as DDPM with
+    ``a = 1 / (1 + sigma^2)``, expressed in the scheduler's unnormalised latent."""
+    up = size[0] > x0.shape[-2]
+    y = resize_latent(x0.float(), size, config.upsample)
+    if up and config.renoise > 0:
+        alpha_bar = (1.0 - config.renoise) / (1.0 + sigma * sigma)
+        sigma = math.sqrt(1.0 / alpha_bar - 1.0)
+    noise = fresh_noise(y, seeds, stage)
+    return (y + sigma * noise).to(x0.dtype)
 
 
 def flops_fraction(config: BottleneckConfig, num_steps: int, attention_weight: float = 0.0) -> float:

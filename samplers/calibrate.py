@@ -12,13 +12,15 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import nonneg_float, positive_int
+
     parser.add_argument("--model", default="embedded",
                         help="'embedded' (default) or a local diffusers pipeline directory")
     parser.add_argument("--prompts", nargs="*", default=None,
                         help="calibration prompts (embedded default: 'digit 0' .. 'digit 9')")
-    parser.add_argument("--seeds", type=int, default=4, help="runs per prompt batch (default 4)")
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps (match your runs; default 20)")
-    parser.add_argument("--guidance", type=float, default=4.0, help="CFG scale (default 4.0)")
+    parser.add_argument("--seeds", type=positive_int, default=4, help="runs per prompt batch (default 4)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="sampling steps (match your runs; default 20)")
+    parser.add_argument("--guidance", type=nonneg_float, default=4.0, help="CFG scale (default 4.0)")
     parser.add_argument("--out", default=None, help="output JSON (default: user cache dir, auto-loaded)")
     parser.add_argument("--next-to-model", action="store_true",
                         help="save as hasten_linear_ag.json inside the model directory")
@@ -28,8 +30,14 @@ def run(args: argparse.Namespace) -> int:
     # The CLI is an entry point above both layers: it may use the diffusers adapter.
     import torch
 
+    from ..cli import UserError, writable_file
     from ..pipelines.guidance import calibrate_pipeline
     from ..samplers.guidance import COEFF_FILE
+
+    if args.guidance <= 1:
+        raise UserError(f"--guidance {args.guidance:g}: LinearAG is fitted on CFG runs; use a guidance scale > 1")
+    if args.out is not None:
+        writable_file(args.out)  # checked now, not after the calibration runs
 
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     if args.model == "embedded":
@@ -55,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out
     if args.next_to_model:
         out = f"{model_dir}/{COEFF_FILE}"
+        writable_file(out)
     coeffs, path = calibrate_pipeline(pipe, runner, list(range(args.seeds)), out)
     resid = [r for r in coeffs.residual if r is not None]
     print(f"LinearAG coefficients for model {coeffs.model_key} ({coeffs.num_steps} steps) saved to {path}; "

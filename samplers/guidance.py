@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from ..validation import check_choice, check_float, check_int
+
 MODES = ("ag", "linear", "truncate")
 LINEAR_FEATURES = ("cond_t", "cond_prev", "uncond_prev")
 COEFF_FILE = "hasten_linear_ag.json"
@@ -102,19 +104,23 @@ class GuidanceConfig:
     linear_until: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"GuidanceConfig.mode must be one of {MODES}, got {self.mode!r}")
-        if not (0.0 < self.threshold <= 2.0 and math.isfinite(self.threshold)):
+        own = "GuidanceConfig"
+        check_choice(own, "mode", self.mode, MODES)
+        self.threshold = check_float(own, "threshold", self.threshold)
+        if not 0.0 < self.threshold <= 2.0:
             raise ValueError(f"GuidanceConfig.threshold must be in (0, 2] (paper: 0.991-0.996; > 1 = off), "
                              f"got {self.threshold}")
+        self.truncate = check_float(own, "truncate", self.truncate)
         if not 0.0 <= self.truncate <= 1.0:
             raise ValueError(f"GuidanceConfig.truncate must be in [0, 1] (1.0 = off), got {self.truncate}")
-        if self.min_steps < 0:
-            raise ValueError(f"GuidanceConfig.min_steps must be >= 0, got {self.min_steps}")
-        if self.linear_every < 2:
-            raise ValueError(f"GuidanceConfig.linear_every must be >= 2, got {self.linear_every}")
+        self.min_steps = check_int(own, "min_steps", self.min_steps, lo=0)
+        self.linear_every = check_int(own, "linear_every", self.linear_every, lo=2)
+        self.linear_until = check_float(own, "linear_until", self.linear_until)
         if not 0.0 <= self.linear_until <= 1.0:
             raise ValueError(f"GuidanceConfig.linear_until must be in [0, 1], got {self.linear_until}")
+        if self.coefficients is not None and not isinstance(self.coefficients, LinearAGCoefficients):
+            raise TypeError(f"GuidanceConfig.coefficients must be LinearAGCoefficients or None, got "
+                            f"{type(self.coefficients).__name__}")
 
     @property
     def is_off(self) -> bool:

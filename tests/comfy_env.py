@@ -99,12 +99,113 @@ def tiny_sd15(seed: int = 0) -> Any:
     return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
 
 
+def _newer_fields(config_name: str) -> dict[str, Any]:
+    """Config fields newer ComfyUI versions require (their detection's values for the plain model)."""
+    import dataclasses
+    import importlib
+
+    wanted = {"Flux": ("comfy.ldm.flux.model", "FluxParams", {"txt_ids_dims": []}),
+              "HunyuanVideo": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams", {"meanflow_sum": False})}
+    if config_name not in wanted:
+        return {}
+    module, cls, values = wanted[config_name]
+    fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+    return {k: v for k, v in values.items() if k in fields}
+
+
+def direct(config_name: str, unet_config: dict[str, Any], seed: int = 0) -> Any:
+    """A tiny model built directly from ``comfy.supported_models.<config_name>`` (for families whose
+    detection needs full-size weights), with seeded weights, as a ModelPatcher."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = {**unet_config, **_newer_fields(config_name)}
+    cfg = getattr(comfy.supported_models, config_name)(dict(unet_config))
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({})
+    model.diffusion_model.to(torch.float32)
+    fill_(dict(model.diffusion_model.named_parameters()), seed)
+    model.eval()
+    dev = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
+
+
+SDXL_TINY_CONFIG: dict[str, Any] = {
+    **SD15_TINY_CONFIG, "num_classes": "sequential", "adm_in_channels": 2816, "transformer_depth": [0, 1],
+    "transformer_depth_output": [0, 0, 1, 1], "use_linear_in_transformer": True, "num_heads": -1,
+    "num_head_channels": 16,
+}
+FLUX_TINY_CONFIG: dict[str, Any] = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 64,
+    "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+    "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+}
+HUNYUAN_VIDEO_TINY_CONFIG: dict[str, Any] = {
+    "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "patch_size": [1, 2, 2],
+    "vec_in_dim": 768, "axes_dim": [8, 12, 12], "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0,
+    "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "theta": 256, "qkv_bias": True,
+    "guidance_embed": True, "byt5": False, "meanflow": False, "use_cond_type_embedding": False, "vision_in_dim": None,
+}
+QWEN_IMAGE_TINY_CONFIG: dict[str, Any] = {
+    "image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 2,
+    "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 64, "axes_dims_rope": (8, 12, 12),
+}
+LTXV_TINY_CONFIG: dict[str, Any] = {
+    "image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 32,
+    "num_attention_heads": 2, "caption_channels": 64, "num_layers": 2,
+}
+
+
+def tiny_sdxl(seed: int = 0) -> Any:
+    """A tiny SDXL UNet (pooled + size conditioning through its ADM path), built directly."""
+    return direct("SDXL", SDXL_TINY_CONFIG, seed)
+
+
+def tiny_flux(seed: int = 0) -> Any:
+    """A tiny Flux (1 double + 1 single block, hidden 64), built directly (detection needs hidden 3072)."""
+    return direct("Flux", FLUX_TINY_CONFIG, seed)
+
+
+def tiny_hunyuan_video(seed: int = 0) -> Any:
+    """A tiny HunyuanVideo (1 double + 1 single block, hidden 64), built directly."""
+    return direct("HunyuanVideo", HUNYUAN_VIDEO_TINY_CONFIG, seed)
+
+
+def tiny_qwen_image(seed: int = 0) -> Any:
+    """A tiny Qwen-Image MMDiT (2 blocks, hidden 64), built directly."""
+    return direct("QwenImage", QWEN_IMAGE_TINY_CONFIG, seed)
+
+
+def tiny_ltxv(seed: int = 0) -> Any:
+    """A tiny LTX-Video transformer (2 blocks, hidden 64, 128 latent channels), built directly."""
+    return direct("LTXV", LTXV_TINY_CONFIG, seed)
+
+
+# family -> (builder, conditioning/latent kind)
+FAMILIES: dict[str, tuple[Any, str]] = {
+    "wan21": (tiny_wan, "wan"), "sd15": (tiny_sd15, "sd15"), "sdxl": (tiny_sdxl, "sdxl"), "sd3": (tiny_sd3, "sd3"),
+    "flux": (tiny_flux, "flux"), "qwen_image": (tiny_qwen_image, "qwen_image"),
+    "hunyuan_video": (tiny_hunyuan_video, "hunyuan_video"), "ltxv": (tiny_ltxv, "ltxv"),
+}
+
+
 # -- conditioning and latents --------------------------------------------------------------------
 def conditioning(kind: str, seed: int = 0, batch: int = 1) -> list:
     """CONDITIONING without a text encoder: random context of the width ``kind``'s model expects."""
     g = torch.Generator().manual_seed(seed)
     if kind == "sd15":
         return [[torch.randn(batch, 8, SD15_TINY_CONFIG["context_dim"], generator=g), {}]]
+    if kind == "sdxl":
+        return [[torch.randn(batch, 8, SDXL_TINY_CONFIG["context_dim"], generator=g),
+                 {"pooled_output": torch.randn(batch, 1280, generator=g), "width": 128, "height": 128}]]
+    if kind in ("flux", "hunyuan_video"):
+        return [[torch.randn(batch, 8, 64, generator=g),
+                 {"pooled_output": torch.randn(batch, 768, generator=g), "guidance": 3.5}]]
+    if kind == "qwen_image":
+        return [[torch.randn(batch, 8, 64, generator=g), {}]]
+    if kind == "ltxv":
+        return [[torch.randn(batch, 8, 64, generator=g), {"attention_mask": torch.ones(batch, 8, dtype=torch.long)}]]
     ctx = torch.randn(batch, 8, 4096, generator=g)
     if kind == "sd3":
         return [[ctx, {"pooled_output": torch.randn(batch, 2048, generator=g)}]]
@@ -113,9 +214,11 @@ def conditioning(kind: str, seed: int = 0, batch: int = 1) -> list:
 
 def latent(kind: str, batch: int = 1, size: int = 16) -> dict:
     """Empty LATENT of the shape ``kind``'s model uses (Wan: one video frame)."""
-    if kind == "wan":
+    if kind in ("wan", "hunyuan_video", "qwen_image"):
         return {"samples": torch.zeros(batch, 16, 1, size, size)}
-    if kind == "sd3":
+    if kind == "ltxv":
+        return {"samples": torch.zeros(batch, 128, 1, size // 2, size // 2)}
+    if kind in ("sd3", "flux"):
         return {"samples": torch.zeros(batch, 16, size, size)}
     return {"samples": torch.zeros(batch, 4, size, size)}
 
@@ -132,31 +235,59 @@ def run_ksampler(env: ComfyEnv, model: Any, kind: str, *, steps: int = 8, cfg: f
     return out["samples"]
 
 
+# -- calling nodes -------------------------------------------------------------------------------
+def call_node(node_cls: Any, *args: Any, **kwargs: Any) -> tuple:
+    """Run a node's function directly and return its outputs as a tuple, for V3 (``io.ComfyNode``:
+    ``execute`` classmethod returning ``io.NodeOutput``) and V1 nodes (``FUNCTION`` on an instance) alike."""
+    if hasattr(node_cls, "define_schema"):
+        res = node_cls.execute(*args, **kwargs)
+        return tuple(res.result or ())
+    return tuple(getattr(node_cls(), node_cls.FUNCTION)(*args, **kwargs))
+
+
+def node_ui(node_cls: Any, *args: Any, **kwargs: Any) -> dict:
+    """The UI part (e.g. ``{"text": [...]}``) of a V3 node's output."""
+    res = node_cls.execute(*args, **kwargs)
+    ui = res.ui
+    return ui.as_dict() if hasattr(ui, "as_dict") else dict(ui or {})
+
+
 # -- forward counting ----------------------------------------------------------------------------
+_FIRST_BLOCKS = ("blocks", "double_blocks", "joint_blocks", "transformer_blocks", "input_blocks")
 _OUTPUT_LAYERS = ("head", "final_layer", "out")
 
 
+def first_block(dm: torch.nn.Module) -> torch.nn.Module:
+    """The diffusion model's first block (Wan/HunyuanVideo/Flux/SD3/Qwen-Image/LTX/UNet), else its output layer."""
+    for name in _FIRST_BLOCKS:
+        blocks = getattr(dm, name, None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+            block = blocks[0]
+            # a UNet's TimestepEmbedSequential is iterated, never called: count at its first layer
+            return block[0] if isinstance(block, torch.nn.Sequential) else block
+    layer = next((getattr(dm, n) for n in _OUTPUT_LAYERS if isinstance(getattr(dm, n, None), torch.nn.Module)), None)
+    if layer is None:
+        raise ValueError(f"no block list among {_FIRST_BLOCKS} nor output layer on {type(dm).__name__}")
+    return layer
+
+
 class ForwardCounter:
-    """Counts rows that reach the diffusion model's output layer (real forwards, not skipped calls)."""
+    """Counts rows that reach the diffusion model's first block (real forwards, not skipped calls)."""
 
     def __init__(self, model_patcher: Any) -> None:
-        dm = model_patcher.model.diffusion_model
-        layer = next((getattr(dm, n) for n in _OUTPUT_LAYERS if isinstance(getattr(dm, n, None), torch.nn.Module)),
-                     None)
-        if layer is None:
-            raise ValueError(f"no output layer among {_OUTPUT_LAYERS} on {type(dm).__name__}")
-        self.layer = layer
+        self.layer = first_block(model_patcher.model.diffusion_model)
         self.rows = 0
         self.calls = 0
         self._handle: Any = None
 
-    def _hook(self, module: torch.nn.Module, args: tuple) -> None:
+    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args and torch.is_tensor(args[0]) else next(v for v in kwargs.values() if torch.is_tensor(v))
         self.calls += 1
-        self.rows += int(args[0].shape[0])
+        self.rows += int(x.shape[0])
 
     def __enter__(self) -> ForwardCounter:
         self.rows = self.calls = 0
-        self._handle = self.layer.register_forward_pre_hook(self._hook)
+        self._handle = self.layer.register_forward_pre_hook(self._hook, with_kwargs=True)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -185,8 +316,7 @@ def run_graph(env: ComfyEnv, prompt: dict) -> Any:
     valid = asyncio.run(env.execution.validate_prompt(prompt_id, prompt, None))
     if not valid[0]:
         raise ValueError(f"invalid graph: {valid[1]} {valid[3]}")
-    ex = env.execution.PromptExecutor(_Server(), cache_type=env.execution.CacheType.CLASSIC,
-                                      cache_args={"lru": 0, "ram": 0})
+    ex = env.executor(_Server())
     ex.execute(prompt, prompt_id, {}, valid[2])
     return ex
 
@@ -215,6 +345,6 @@ def skip_reason() -> str | None:
 
 
 __all__ = [
-    "ComfyEnv", "ForwardCounter", "conditioning", "latent", "run_graph", "run_ksampler", "save_wan_for_unet_loader",
+    "ComfyEnv", "ForwardCounter", "call_node", "conditioning", "node_ui", "latent", "run_graph", "run_ksampler", "save_wan_for_unet_loader",
     "skip_reason", "start", "tiny_sd15", "tiny_sd3", "tiny_wan",
 ]

@@ -29,7 +29,7 @@ def _stats(comfy, model):
 
 
 def _patch(comfy, model, threshold, start=0.2, end=1.0, cap=4):
-    (patched,) = _node(comfy)().patch(model, threshold, start, end, cap, False)
+    (patched,) = ce.call_node(_node(comfy), model, threshold, start, end, cap, False)
     return patched
 
 

@@ -7,6 +7,8 @@ import torch
 
 import hasten
 
+import comfy_env as ce
+
 
 @pytest.fixture(scope="module")
 def pack(comfy):
@@ -42,18 +44,19 @@ def test_graph_generates_prompted_digits_and_hasten_easycache_skips(comfy, pack)
     nodes = comfy.nodes
     model = load_comfy_model()
     digits = [0, 3, 7]
-    pos = [[torch.cat([HastenDigitPrompt().encode(f"digit {d}")[0][0][0] for d in digits]), {}]]
-    neg = [[torch.cat([HastenDigitPrompt().encode("")[0][0][0]] * len(digits)), {}]]
-    lat = HastenEmptyDigitLatent().make(32, len(digits))[0]
-    easy = comfy.node_classes["HastenEasyCache"]()
+    pos = [[torch.cat([ce.call_node(HastenDigitPrompt, f"digit {d}")[0][0][0] for d in digits]), {}]]
+    neg = [[torch.cat([ce.call_node(HastenDigitPrompt, "")[0][0][0]] * len(digits)), {}]]
+    lat = ce.call_node(HastenEmptyDigitLatent, 32, len(digits))[0]
+    easy = comfy.node_classes["HastenEasyCache"]
+    cached = ce.call_node(easy, model, reuse_threshold=0.2, start_percent=0.2, end_percent=1.0)[0]
     results = {}
-    for name, m in {"base": model, "cached": easy.patch(model, reuse_threshold=0.2, start_percent=0.2, end_percent=1.0)[0]}.items():
+    for name, m in {"base": model, "cached": cached}.items():
         counter_rows = []
         h = m.model.diffusion_model.head.register_forward_pre_hook(
             lambda mod, a, rows=counter_rows: rows.append(a[0].shape[0]))
         (out,) = nodes.KSampler().sample(m, 0, 20, 4.0, "euler", "simple", pos, neg, lat, denoise=1.0)
         h.remove()
-        img = HastenDecodeDigits().decode(out)[0]
+        img = ce.call_node(HastenDecodeDigits, out)[0]
         results[name] = (img, sum(counter_rows))
     base_img, base_rows = results["base"]
     cached_img, cached_rows = results["cached"]
@@ -62,3 +65,21 @@ def test_graph_generates_prompted_digits_and_hasten_easycache_skips(comfy, pack)
     acc = metrics.digit_accuracy(base_img.permute(0, 3, 1, 2), digits)["accuracy"]
     assert acc >= 2 / 3
     assert metrics.psnr(cached_img.permute(0, 3, 1, 2), base_img.permute(0, 3, 1, 2)) > 20
+
+
+def test_builtin_empty_latent_image_gives_full_size_digits(comfy, pack):
+    """The model's latent format says its VAE factor (2), so ComfyUI's own Empty Latent Image at 32x32 gives
+    32x32 images (it gave 8x8 with the factor-8 default)."""
+    from hasten.nodes.embedded import HastenDecodeDigits, HastenDigitPrompt, load_comfy_model
+
+    model = load_comfy_model()
+    assert model.model.latent_format.spacial_downscale_ratio == 2
+    (lat,) = comfy.nodes.EmptyLatentImage().generate(32, 32, 1)
+    if "downscale_ratio_spacial" not in lat:
+        pytest.skip(f"ComfyUI {comfy.version}: Empty Latent Image does not pass its downscale ratio to the "
+                    "sampler (newer versions do); use Empty Digit Latent (hasten) there")
+    pos = ce.call_node(HastenDigitPrompt, "digit 7")[0]
+    neg = ce.call_node(HastenDigitPrompt, "")[0]
+    (out,) = comfy.nodes.KSampler().sample(model, 0, 4, 4.0, "euler", "simple", pos, neg, lat, denoise=1.0)
+    img = ce.call_node(HastenDecodeDigits, out)[0]
+    assert img.shape == (1, 32, 32, 3)

@@ -21,7 +21,7 @@ def _ag(comfy, model, **kw):
     node = comfy.node_classes["HastenAdaptiveGuidance"]
     args = dict(mode="ag", threshold=0.993, truncate_percent=0.5)
     args.update(kw)
-    (m,) = node().patch(model, **args)
+    (m,) = ce.call_node(node, model, **args)
     return m, sys.modules[node.__module__]
 
 
@@ -68,8 +68,8 @@ def test_ag_node_per_sample_in_a_batch(comfy, wan):
 def _bottleneck(comfy, model, scales="1,0.5,1", boundaries="0.25,0.75", **kw):
     node = comfy.node_classes["HastenBottleneckSampler"]
     pos, neg = ce.conditioning("wan", 1), ce.conditioning("wan", 2)
-    (out,) = node().sample(model, 0, STEPS, 3.0, "euler", "simple", pos, neg, ce.latent("wan", size=16),
-                           scales, boundaries, 0.0)
+    out = ce.call_node(node, model, 0, STEPS, 3.0, "euler", "simple", pos, neg, ce.latent("wan", size=16),
+                       scales, boundaries, 0.0)[0]
     return out["samples"]
 
 
@@ -92,7 +92,7 @@ def test_bottleneck_node_runs_stages_and_off_is_ksampler(comfy, wan):
 
 def test_ag_easycache_bottleneck_compose(comfy, wan):
     ec = comfy.node_classes["HastenEasyCache"]
-    (m,) = ec().patch(wan, 0.1, 0.2, 1.0, 4, False)
+    (m,) = ce.call_node(ec, wan, 0.1, 0.2, 1.0, 4, False)
     m, mod = _ag(comfy, m, threshold=0.5)
     with ce.ForwardCounter(wan) as fc:
         out = _bottleneck(comfy, m)

@@ -142,12 +142,35 @@ def test_patterns_are_per_layer_and_branch():
 
 
 def test_config_validation_names_ranges():
-    with pytest.raises(ValueError, match=r"target_mass must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"target_mass must be <= 1.0"):
         AdaSpaConfig(target_mass=1.5)
+    with pytest.raises(ValueError, match=r"target_mass must be > 0.0"):
+        AdaSpaConfig(target_mass=0.0)
+    with pytest.raises(ValueError, match="finite"):
+        AdaSpaConfig(target_mass=float("nan"))
     with pytest.raises(ValueError, match="power of two"):
         AdaSpaConfig(block_size=48)
     with pytest.raises(ValueError, match="refresh_every must be >= 0"):
         AdaSpaConfig(refresh_every=-1)
+    with pytest.raises(TypeError, match="warmup_steps must be an integer"):
+        AdaSpaConfig(warmup_steps=2.5)
+    with pytest.raises(TypeError, match="enabled must be True or False"):
+        AdaSpaConfig(enabled="no")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        AdaSpaConfig(backend="cuda")
+
+
+def test_triton_backend_without_gpu_fails_at_config_time(monkeypatch):
+    import hasten.kernels.flash_attention as fa
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(fa.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="backend='triton' cannot run on this machine: no CUDA GPU"):
+        AdaSpaConfig(backend="triton")
+    AdaSpaConfig(backend="auto")  # auto picks PyTorch on such a machine
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter (tests) runs the kernels on the CPU
+    if fa.triton_available():
+        AdaSpaConfig(backend="triton")
 
 
 def test_block_coverage_handles_ragged_tail():

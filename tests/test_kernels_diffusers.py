@@ -81,14 +81,16 @@ def test_disable_restores_processors_exactly_and_enable_does_not_stack(family):
     assert torch.equal(_run(pipe, kw), base)
 
 
-def test_wan_wraps_self_attention_only():
-    pipe, _ = _build("wan")
+def test_wan_sparsifies_self_attention_only():
+    pipe, kw = _build("wan")
     enable_sparse_attention(pipe, **SPARSE)
-    procs = pipe.transformer.attn_processors
-    kinds = {name: type(p).__name__ for name, p in procs.items()}
-    assert all(kind == "SparseAttnProcessor" for n, kind in kinds.items() if "attn1" in n)
-    assert all(kind != "SparseAttnProcessor" for n, kind in kinds.items() if "attn2" in n)
-    disable_sparse_attention(pipe)
+    try:
+        _run(pipe, kw)
+        st = registry.stats(pipe)["sparse_attention"]["transformer"]
+        assert st.layers and all(".attn1" in name for name in st.layers)  # cross-attention passes through
+        assert not st.fallbacks
+    finally:
+        disable_sparse_attention(pipe)
 
 
 def test_flux_text_tokens_stay_dense():
@@ -130,16 +132,24 @@ def test_composes_with_easycache():
 
 
 def test_unsupported_model_gets_clear_error():
+    from diffusers.models.attention_processor import AttnProcessor
+
     pipe, _ = tp.sd15()
-    with pytest.raises(UnsupportedModelError, match="WanAttnProcessor"):
+    pipe.unet.set_attn_processor(AttnProcessor())  # the classic processor: matmul + softmax, no SDPA
+    before = dict(pipe.unet.attn_processors)
+    with pytest.raises(UnsupportedModelError, match=r"AttnProcessor.*dispatch_attention_fn"):
         enable_sparse_attention(pipe)
     assert "sparse_attention" not in registry.features(pipe)
+    assert all(pipe.unet.attn_processors[k] is p for k, p in before.items())
 
 
 def test_bad_setting_is_rejected():
     pipe, _ = _build("wan")
     with pytest.raises(ValueError, match="target_mass"):
         enable_sparse_attention(pipe, target_mass=0.0)
+    with pytest.raises(TypeError, match="AdaSpaConfig"):
+        enable_sparse_attention(pipe, 0.9)
+    assert "sparse_attention" not in registry.features(pipe)
 
 
 class _TransformerOnly:
@@ -149,7 +159,7 @@ class _TransformerOnly:
 def test_hunyuan_video_with_text_padding_mask():
     from diffusers import HunyuanVideoTransformer3DModel
 
-    from hasten.pipelines.sparse_attention import suffix_padding_lengths
+    from hasten.pipelines.sparse_attention import key_padding_mask
 
     torch.manual_seed(0)
     tr = HunyuanVideoTransformer3DModel(
@@ -163,26 +173,37 @@ def test_hunyuan_video_with_text_padding_mask():
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[0, 5:] = 0  # two padded text tokens in row 0
 
-    def call():
+    def call(t=500):  # a new timestep = a new denoising step
         with torch.no_grad():
-            return tr(hidden_states=x, timestep=torch.tensor([500, 500]), encoder_hidden_states=ehs,
+            return tr(hidden_states=x, timestep=torch.tensor([t, t]), encoder_hidden_states=ehs,
                       encoder_attention_mask=mask, pooled_projections=torch.ones(2, 8),
                       guidance=torch.tensor([3.0, 3.0]), return_dict=False)[0]
 
     base = call()
     enable_sparse_attention(pipe, **{**SPARSE, "warmup_steps": 1, "refresh_every": 0})
     try:
-        outs = [call() for _ in range(4)]
+        ts = (900, 700, 500, 300)
+        disable_sparse_attention(pipe)
+        bases = [call(t) for t in ts]
+        enable_sparse_attention(pipe, **{**SPARSE, "warmup_steps": 1, "refresh_every": 0})
+        outs = [call(t) for t in ts]
         st = registry.stats(pipe)["sparse_attention"]["transformer"]
-        assert (st.dense_calls, st.search_calls, st.sparse_calls) == (2, 2, 4)  # 2 joint layers x 4 calls
-        for out in outs:  # random weights: the pattern keeps every block, so padding must match exactly
-            assert (out - base).abs().max() <= 1e-4 * base.abs().max()
+        # 2 joint layers x 4 calls (+ the token refiner's self-attention, 16 tokens: a general mask, dense)
+        assert (st.dense_calls, st.search_calls, st.sparse_calls) == (2, 2, 4)
+        for out, ref in zip(outs, bases):  # random weights: every block kept, so padding must match exactly
+            assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
     finally:
         disable_sparse_attention(pipe)
     assert torch.equal(call(), base)
     m = torch.tensor([[True, True, False], [True, True, True]]).view(2, 1, 1, 3)
-    assert suffix_padding_lengths(m, 2, 3).tolist() == [2, 3]
-    assert suffix_padding_lengths(torch.tensor([[True, False, True]]), 1, 3) is None  # not padding: dense
+    kv, qv = key_padding_mask(m, (2, 1, 3, 3))
+    assert kv.tolist() == [[True, True, False], [True, True, True]] and qv is None
+    row = torch.tensor([True, False, True])  # Chroma-style: padded text is neither key nor query
+    kv, qv = key_padding_mask((row[:, None] & row[None, :]).view(1, 1, 3, 3), (1, 2, 3, 3))
+    assert kv.tolist() == [[True, False, True]] and qv.flatten().tolist() == [True, False, True]
+    causal = torch.ones(3, 3, dtype=torch.bool).tril()
+    assert key_padding_mask(causal, (1, 1, 3, 3)) is None  # not key padding: dense (and counted)
+    assert key_padding_mask(torch.randn(1, 1, 3, 3), (1, 1, 3, 3)) is None  # a bias
 
 
 def test_bench_kernels_end_to_end_report(capsys):

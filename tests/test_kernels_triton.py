@@ -110,3 +110,36 @@ def test_key_padding_lengths_match_masked_sdpa():
     out_s, _ = block_sparse_attention(q, k, v, pattern, backend="triton", kv_lens=kv_lens)
     assert torch.isfinite(out_s).all()
     assert (out_s - F.scaled_dot_product_attention(q, k, v, attn_mask=both)).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_key_mask_with_holes_and_fully_masked_queries_match_sdpa(backend):
+    """Chroma-style padding: keys masked anywhere (not only at the end); masked queries see no key (-> 0)."""
+    q, k, v = (torch.randn(2, 2, 40, 16) for _ in range(3))
+    ok = torch.ones(2, 40, dtype=torch.bool)
+    ok[0, 5:9] = False  # padded text tokens between text and image
+    ok[1, 17:33] = False  # a whole key block of padding
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=ok.view(2, 1, 1, 40))
+    out, lse = flash_attention(q, k, v, backend=backend, block_m=16, block_n=16, kv_mask=ok)
+    assert (out - ref).abs().max() <= 1e-3
+    assert (lse - _ref_lse(q, k, 0.25, ok.view(2, 1, 1, 40))).abs().max() <= 1e-3
+    mask = torch.rand(2, 2, 3, 3) < 0.6
+    mask[..., 0] = True
+    pattern = BlockSparsePattern.from_block_mask(mask, 16, 40, 40)
+    out_s, _ = block_sparse_attention(q, k, v, pattern, backend=backend, kv_mask=ok)
+    both = pattern.token_mask() & ok.view(2, 1, 1, 40)
+    assert torch.isfinite(out_s).all()
+    assert (out_s - F.scaled_dot_product_attention(q, k, v, attn_mask=both)).abs().max() <= 1e-3
+    none = torch.zeros(1, 40, dtype=torch.bool)  # a row with no valid key at all: output 0, no NaN
+    out0, _ = flash_attention(q[:1], k[:1], v[:1], backend=backend, block_m=16, block_n=16, kv_mask=none)
+    assert torch.equal(out0, torch.zeros_like(out0))
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    import hasten.kernels.flash_attention as fa
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run: no CUDA GPU"):
+        fa.pick_backend(torch.zeros(1), "triton")

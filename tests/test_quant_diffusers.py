@@ -112,8 +112,14 @@ def test_save_load_quantized_denoiser(wan, tmp_path):
 
 def test_errors_name_the_problem(wan):
     pipe, kw, _ = wan
+    with pytest.raises(ValueError, match=r"unknown quantization method 'int3'.*'int4'.*'int8'.*'w8a8'"):
+        pipe.quantize("int3")
     with pytest.raises(TypeError, match="Int8WeightOnlyConfig"):
-        pipe.quantize("int8")
+        pipe.quantize(8)
+    with pytest.raises(TypeError, match="calibration_prompts items"):
+        pipe.quantize("int8", calibration_prompts=[3])
+    with pytest.raises(TypeError, match="steps must be an integer"):
+        pipe.quantize("int8", steps=2.5)
     with pytest.raises(ValueError, match="unknown denoiser component"):
         pipe.quantize(Int8WeightOnlyConfig(), components=["unet"])
 
@@ -122,3 +128,92 @@ def test_errors_name_the_problem(wan):
 
     with pytest.raises(hasten.UnsupportedModelError, match="transformer or unet"):
         hasten.quantize_pipeline(NoDenoiser())
+
+
+def test_save_pretrained_refused_while_quantized(wan, tmp_path):
+    from hasten.errors import QuantFileError
+
+    pipe, kw, base = wan
+    pipe.quantize("int8")
+    with pytest.raises(QuantFileError, match="hasten.save_quantized"):
+        pipe.save_pretrained(tmp_path / "p")
+    with pytest.raises(QuantFileError, match="hasten.save_quantized"):
+        pipe.transformer.save_pretrained(tmp_path / "t")
+    pipe.dequantize()
+    assert "save_pretrained" not in vars(pipe.transformer)
+    pipe.transformer.save_pretrained(tmp_path / "t")  # the original weights save again
+    assert torch.equal(tp.run(pipe, kw, steps=STEPS), base)
+
+
+def test_load_quantized_then_pipe_dequantize_restores(wan, tmp_path):
+    pipe, kw, base = wan
+    pipe.quantize(Int8WeightOnlyConfig(), calibration_prompts=dict(kw), steps=1)  # one dict = one item
+    out = tp.run(pipe, kw, steps=STEPS)
+    save_quantized(pipe.transformer, tmp_path / "q.safetensors")
+    pipe.dequantize()
+    load_quantized(pipe.transformer, tmp_path / "q.safetensors")
+    assert torch.equal(tp.run(pipe, kw, steps=STEPS), out)
+    pipe.dequantize()  # not quantized through pipe.quantize, still restored
+    assert not hasattr(pipe.transformer, "_hasten_quant")
+    assert torch.equal(tp.run(pipe, kw, steps=STEPS), base)
+
+
+def test_calibration_falls_back_when_latent_output_is_refused(wan):
+    """Kandinsky 2.1 and Marigold refuse output_type="latent" (Kandinsky only after denoising)."""
+    pipe, kw, base = wan
+    seen: list = []
+    original = type(pipe).__call__
+
+    class Refusing(type(pipe)):
+        def __call__(self, *args, **kwargs):
+            seen.append(kwargs.get("output_type"))
+            out = original(self, *args, **kwargs)  # denoises first, then refuses, like Kandinsky 2.1
+            if kwargs.get("output_type", "pil") not in ("pt", "np", "pil"):
+                raise ValueError(f"Only the output types `pt`, `pil` and `np` are supported not "
+                                 f"output_type={kwargs.get('output_type')}")
+            return out
+
+    pipe.__class__ = Refusing
+    try:
+        calls = []
+        h = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+        pipe.quantize(Int8WeightOnlyConfig(), calibration_prompts=[dict(kw), dict(kw)], steps=2)
+        h.remove()
+        assert seen[0] == "latent" and set(seen[1:]) == {"pt"} and len(seen) == 3
+        report = pipe.hasten_stats()["quant"]["transformer"]
+        assert report.calibrated and len(report.quantized) > 15
+        pipe.__class__ = Refusing.__mro__[1]  # back to the plain pipeline to compare latents with the baseline
+        assert 0 < rel(tp.run(pipe, kw, steps=STEPS), base) < 0.005
+    finally:
+        pipe.__class__ = Refusing.__mro__[1]
+        pipe.dequantize()
+    assert torch.equal(tp.run(pipe, kw, steps=STEPS), base)
+
+
+def test_zero_quantized_layers_is_an_error_and_pipe_untouched(wan):
+    pipe, kw, base = wan
+    with pytest.raises(hasten.UnsupportedModelError, match="no linear layer could be quantized"):
+        pipe.quantize(Int4WeightOnlyConfig(group_size=1000))
+    assert "quant" not in pipe.hasten_stats() and not hasattr(pipe.transformer, "_hasten_quant")
+    assert torch.equal(tp.run(pipe, kw, steps=STEPS), base)
+
+
+def test_one_prompt_string_is_one_prompt():
+    """``calibration_prompts="digit 3"`` calibrates on that prompt, not on 'd', 'i', 'g', ..."""
+    from hasten.pipelines.quantize import _items, calibrate_pipeline
+
+    class Pipe:
+        def __init__(self) -> None:
+            self.transformer = nn.Sequential(nn.Linear(8, 8))
+            self.prompts: list = []
+
+        def __call__(self, prompt, num_inference_steps, generator, output_type="pil"):
+            self.prompts.append(prompt)
+            self.transformer(torch.randn(2, 8, generator=generator))
+
+    pipe = Pipe()
+    assert _items("digit 3") == ["digit 3"] and _items({"prompt": "a"}) == [{"prompt": "a"}]
+    calib = calibrate_pipeline(pipe, "digit 3", steps=1)
+    assert pipe.prompts == ["digit 3"] and calib["transformer"].get("0").rows == 2
+    with pytest.raises(ValueError, match="at least one"):
+        _items([])

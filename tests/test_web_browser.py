@@ -41,6 +41,27 @@ class _ReadsThree:
         return metrics._digit_features(images)[:, ::16]
 
 
+SLOW_STEPS: list[int] = []  # every denoising step the "slow" model ran, server side
+
+
+def _slow_handle():
+    """The tiny model at 50 ms per step, counting its steps: a run long enough to cancel."""
+    h = tiny_handle("slow")
+    inner = h.generate_fn
+
+    def generate(pipe, request, prompts, on_step=None):
+        def step(i):
+            SLOW_STEPS.append(i)
+            time.sleep(0.05)
+            if on_step is not None:
+                on_step(i)
+
+        return inner(pipe, request, prompts, step)
+
+    h.generate_fn = generate
+    return h
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,6 +80,9 @@ def app_url():
         loads.append(name)
         if name in ("embedded", "tiny-text"):
             handles[name] = tiny_handle(name, digits=name == "embedded")
+            return handles[name]
+        if name == "slow":
+            handles[name] = _slow_handle()
             return handles[name]
         raise FileNotFoundError(f"{name} does not exist")
 
@@ -108,12 +132,24 @@ def _set_slider(page, elem_id: str, value: float) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
+    box.blur()
+
+
+def _load(page, url: str, model: str = "embedded") -> None:
+    page.goto(url)
+    page.locator("#model-status").get_by_text("loaded").wait_for(timeout=30_000)
+    if model != "embedded":
+        box = page.locator("#model input")
+        box.fill(model)
+        box.press("Enter")
+        page.locator("#load").click()
+        page.locator("#model-status").get_by_text(f"loaded {model}").wait_for(timeout=30_000)
 
 
 def _num(cell: str) -> float:
     if cell.startswith("inf"):
         return math.inf
-    return float(re.sub(r"[^0-9.eE+-]", "", cell))
+    return float(re.search(r"[-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?", cell).group())  # the first number
 
 
 def test_run_defaults_in_browser(app_url, browser, tmp_path_factory):
@@ -136,11 +172,14 @@ def test_run_defaults_in_browser(app_url, browser, tmp_path_factory):
     assert 0 < _num(a[3]) < 20 and 0 < _num(b[3]) <= _num(a[3])  # caches skipped forwards
     assert _num(base[1]) > 0 and _num(a[1]) > 0
     assert 20 < _num(a[4]) and 0.5 < _num(a[5]) <= 1.0  # PSNR dB and SSIM against the baseline
-    assert base[6].startswith("100%") and "reads 3" in base[6]
+    assert base[6] == "reads as 3" and "%" not in a[6]  # one image: a reading, never a 0%/100% accuracy
     imgs = page.locator("#images img")
     assert imgs.count() >= 3
     for i in range(3):
         assert imgs.nth(i).evaluate("el => el.naturalWidth") >= 128  # 16 px outputs upscaled for display
+        assert imgs.nth(i).evaluate("el => getComputedStyle(el).imageRendering") == "pixelated"
+    # fixed-size cells: one image does not stretch across the results column
+    assert imgs.nth(0).bounding_box()["width"] <= 400
     assert page.locator("#timeline img, #timeline svg, #timeline canvas").count() >= 1
     assert page.locator("#slider img").count() >= 1
     # nothing leaked onto the pipeline after the request
@@ -187,8 +226,7 @@ def test_two_users_at_once(app_url, browser):
         _set_slider(page, "steps", 10)
         page.locator("#seed input").fill(str(seed))
         _set_slider(page, "cfg-A-easycache-threshold", threshold)
-        page.locator("#cfg-B").get_by_text("configuration B").click()  # open the accordion
-        page.locator("#cfg-B-easycache input[type=checkbox]").uncheck()
+        page.locator("#cfg-B-on input[type=checkbox]").uncheck()  # configuration B off
         pages.append(page)
     t0 = time.perf_counter()
     for p in pages:
@@ -242,3 +280,127 @@ def test_sweep_tab(app_url, browser, tmp_path_factory):
     page.screenshot(path=str(_artifact_dir(tmp_path_factory) / "web_sweep.png"), full_page=True)
     assert getattr(handles["embedded"].pipe, "_hasten_features", {}) == {}
     page.close()
+
+
+def _in_viewport(page, selector: str) -> bool:
+    box = page.locator(selector).bounding_box()
+    vp = page.viewport_size
+    return box is not None and box["y"] >= 0 and box["y"] + box["height"] <= vp["height"] and box["x"] >= 0 \
+        and box["x"] + box["width"] <= vp["width"]
+
+
+def _shown(page, sel: str) -> bool:
+    """Whether any element matching ``sel`` is rendered (gradio gives a group's id to two nested elements)."""
+    return page.evaluate("s => Array.from(document.querySelectorAll(s)).some(e => e.getClientRects().length > 0 "
+                         "&& e.getBoundingClientRect().height > 0)", sel)
+
+
+def _wait_shown(page, sel: str, shown: bool = True) -> None:
+    page.wait_for_function("([s, want]) => Array.from(document.querySelectorAll(s)).some(e => "
+                           "e.getClientRects().length > 0 && e.getBoundingClientRect().height > 0) === want",
+                           arg=[sel, shown], timeout=10_000)
+
+
+def test_first_screen_layout(app_url, browser):
+    """At 1400x900: model, the configurations' on/off, Run and Cancel without scrolling; a family's
+    details only once it is ticked; configuration B on means B visible; C off means C hidden."""
+    url, _, _ = app_url
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    _load(page, url)
+    page.wait_for_timeout(500)
+    page.screenshot(path="/tmp/demo-first-screen.png")
+    assert page.evaluate("() => window.scrollY") == 0
+    for sel in ("#model", "#digit", "#steps", "#cfg-A-on", "#cfg-B-on", "#cfg-C-on", "#run", "#cancel"):
+        assert _in_viewport(page, sel), f"{sel} is not on the first screen"
+    assert not page.locator("#cancel").is_enabled()  # nothing to cancel yet
+    # A and B on (visible with their EasyCache settings), C off (hidden)
+    assert _shown(page, "#cfg-A") and _shown(page, "#cfg-B") and not _shown(page, "#cfg-C")
+    assert _shown(page, "#cfg-B-easycache-details")
+    for fam in ("guidance", "bottleneck", "sparse", "quant"):
+        assert not _shown(page, f"#cfg-A-{fam}-details"), fam
+    page.locator("#cfg-A-guidance input[type=checkbox]").check()
+    _wait_shown(page, "#cfg-A-guidance-details")
+    page.locator("#cfg-A-guidance input[type=checkbox]").uncheck()
+    _wait_shown(page, "#cfg-A-guidance-details", False)
+    page.locator("#cfg-C-on input[type=checkbox]").check()
+    _wait_shown(page, "#cfg-C")
+    page.locator("#cfg-B-on input[type=checkbox]").uncheck()
+    _wait_shown(page, "#cfg-B", False)
+    page.close()
+
+
+def test_out_of_range_steps_are_refused_not_clamped(app_url, browser, capfd):
+    """Refused with a message next to Run (and a toast), the typed value kept; no traceback in the server log."""
+    url, _, _ = app_url
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    _load(page, url)
+    for value, msg in (("0", "steps must be in [1, 150], got 0"), ("100000", "steps must be in [1, 150], got 100000"),
+                       ("2.5", "steps must be a whole number, got 2.5")):
+        _set_slider(page, "steps", value)
+        page.locator("#run").click()
+        page.get_by_text(msg).first.wait_for(timeout=20_000)
+        assert page.locator("#steps input").input_value() == value  # what the user typed, not clamped
+        page.wait_for_function("() => document.querySelector('#run').textContent.includes('Run comparison')",
+                               timeout=20_000)
+        page.locator("#run-status").get_by_text(f"refused: {msg}").wait_for(timeout=10_000)
+    page.close()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def _start_slow_run(page, url: str) -> int:
+    _load(page, url, "slow")
+    _set_slider(page, "steps", 100)
+    before = len(SLOW_STEPS)
+    page.locator("#run").click()
+    page.wait_for_function("() => !document.querySelector('#run').disabled || "
+                           "document.querySelector('#run').textContent.includes('Running')", timeout=10_000)
+    deadline = time.time() + 60
+    while len(SLOW_STEPS) < before + 15 and time.time() < deadline:  # the run is under way (after warm-up)
+        time.sleep(0.1)
+    assert len(SLOW_STEPS) >= before + 15
+    # the progress shows next to Run (where the user clicked), not only in the result boxes
+    page.wait_for_function("() => /step \\d+\\/100/.test(document.querySelector('#run-status').innerText)",
+                           timeout=10_000)
+    return before
+
+
+def _wait_released(handle, timeout: float = 15.0) -> float:
+    t0 = time.perf_counter()
+    assert handle.lock.acquire(timeout=timeout), "the run kept the pipeline after it was stopped"
+    handle.lock.release()
+    return time.perf_counter() - t0
+
+
+def test_cancel_stops_the_run(app_url, browser):
+    """Run, then Cancel: the server stops within a step or two, the page is usable again."""
+    url, handles, _ = app_url
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    before = _start_slow_run(page, url)
+    assert "Running" in page.locator("#run").inner_text() and page.locator("#cancel").is_enabled()
+    page.locator("#cancel").click()
+    _wait_released(handles["slow"])
+    ran = len(SLOW_STEPS) - before
+    time.sleep(0.5)
+    assert len(SLOW_STEPS) - before == ran  # nothing runs after the cancel
+    assert ran < 3 * 3 * 100 / 2  # far from the full 3 configurations x 3 repeats x 100 steps
+    page.get_by_text("cancelled").first.wait_for(timeout=10_000)
+    page.wait_for_function("() => !document.querySelector('#run').disabled", timeout=10_000)
+    # usable again: a short run completes
+    _set_slider(page, "steps", 3)
+    page.locator("#timing-repeats input").fill("1")
+    page.locator("#run").click()
+    rows = _wait_results(page, 3)
+    assert rows[0][0] == "baseline"
+    page.close()
+
+
+def test_closing_the_page_stops_the_run(app_url, browser):
+    """Start a run and close the tab: the server-side run stops early and frees the pipeline."""
+    url, handles, _ = app_url
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    before = _start_slow_run(page, url)
+    page.close()
+    waited = _wait_released(handles["slow"], timeout=30.0)
+    ran = len(SLOW_STEPS) - before
+    print(f"closed the page: run stopped {waited:.1f} s later after {ran} of 900 steps")
+    assert ran < 900 / 2

@@ -104,9 +104,10 @@ def test_interleaved_timing_repeats(handle):
 def test_table_timeline_and_display(handle):
     comp = run_comparison(handle, REQ, [_ec("A", 0.0), _ec("B", 0.5)])
     headers, rows = metrics_table(comp)
-    assert headers[-1] == "digit accuracy" and len(rows) == 3
+    assert headers[-1] == "digit read" and len(rows) == 3
     assert rows[0][:4] == ["baseline", rows[0][1], "1.00x", "20"] and rows[1][4] == "inf (identical)"
-    assert rows[2][6] == "100% (reads 3)" and float(rows[2][4]) > 20
+    assert rows[2][6] == "reads as 3" and float(rows[2][4]) > 20  # one image: a reading, not an accuracy
+    assert not any("%" in r[6] for r in rows)
     fig = timeline_figure(comp)
     assert len(fig.axes[0].get_yticklabels()) == 1 + 2 + 2  # baseline + two branches per config
     img = display_image(comp.baseline.image)
@@ -322,7 +323,7 @@ def test_load_model_from_local_folder(tmp_path):
     comp = run_comparison(h, GenerationRequest(prompt="digit 3", seed=0, steps=3, size=64), [_ec("A", 0.5)])
     assert comp.baseline.image.shape == (3, 64, 64) and comp.baseline.forwards == 6
     headers, _ = metrics_table(comp)
-    assert "digit accuracy" not in headers  # only the embedded model is scored as digits
+    assert "digit read" not in headers  # only the embedded model is scored as digits
 
 
 @pytest.mark.parametrize("family", ["guidance", "bottleneck", "sparse", "quant"])
@@ -340,3 +341,55 @@ def test_every_family_panel_runs_and_restores(handle, family):
     assert features(handle.pipe) == {}
     after = list(handle.pipe.transformer.parameters())
     assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_whole_numbers_and_ranges_are_refused_not_rounded(handle):
+    """2.5 steps through the API is refused (not rounded); 0 and 100000 are refused (not clamped)."""
+    for steps, msg in ((2.5, "steps must be a whole number, got 2.5"), (0, r"steps must be in \[1, 150\], got 0"),
+                       (100000, r"steps must be in \[1, 150\], got 100000"), (float("nan"), "whole number")):
+        with pytest.raises(ValueError, match=msg):
+            run_comparison(handle, GenerationRequest(digit=3, steps=steps), [])
+    with pytest.raises(ValueError, match="seed must be a whole number"):
+        run_comparison(handle, GenerationRequest(digit=3, seed=1.5), [])
+    assert handle.validate(GenerationRequest(digit=3, steps=20.0, seed=2.0)).steps == 20  # a number box's 20.0
+
+
+def test_speedup_spread_over_interleaved_rounds(handle):
+    comp = run_comparison(handle, REQ, [_ec("A", 0.5)], repeats=3)
+    base, fast = comp.runs
+    assert len(fast.speedups) == 3 and base.speedups == pytest.approx([1.0] * 3)
+    lo, hi = fast.speedup_range
+    assert lo <= fast.speedup <= hi and fast.speedup == pytest.approx(sorted(fast.speedups)[1])
+    _, rows = metrics_table(comp)
+    assert rows[1][2] == f"{fast.speedup:.2f}x ({lo:.2f}-{hi:.2f})" and rows[0][2] == "1.00x"
+
+
+def test_should_stop_cancels_between_steps_and_releases(handle):
+    steps = []
+
+    def stop() -> bool:
+        return len(steps) >= 3
+
+    with pytest.raises(compare.Cancelled, match="cancelled at"):
+        run_comparison(handle, GenerationRequest(digit=3, seed=1, steps=40), [_ec("A", 0.3)],
+                       on_progress=lambda f, d: steps.append(d), should_stop=stop)
+    assert len(steps) == 3  # three steps of the baseline ran, then it stopped
+    assert handle.lock.acquire(blocking=False)  # the pipeline is free again
+    handle.lock.release()
+    assert _restored(handle)
+
+
+def test_hub_id_offline_message(monkeypatch):
+    """A hub id that is not cached offline: say so and how to get it, never 'pass local_files_only=False'."""
+    import diffusers
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co' ... pass `local_files_only=False` ...")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", offline)
+    with pytest.raises(ModelLoadError) as info:
+        load_model("some-org/some-model")
+    msg = str(info.value)
+    assert "not available offline" in msg and "local_files_only" not in msg and "folder" in msg
+    with pytest.raises(ModelLoadError, match="no such folder: /nowhere/model"):
+        load_model("/nowhere/model")

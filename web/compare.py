@@ -44,6 +44,10 @@ class OutOfMemory(RuntimeError):
     """A generation ran out of memory (the message says what to lower)."""
 
 
+class Cancelled(RuntimeError):
+    """The user cancelled the run (Cancel button, or the page was closed); raised between denoising steps."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """What the user asked for; the same request (and seed) is used for the baseline and every config."""
@@ -58,6 +62,13 @@ class GenerationRequest:
 
 
 GenerateFn = Callable[[Any, GenerationRequest, list[str], StepCallback | None], torch.Tensor]
+
+
+def _check_int(name: str, value: Any) -> None:
+    """Whole numbers only: 2.5 steps is refused, not rounded (2.0 from a number box is fine)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
 
 
 def _check_range(name: str, value: float, lo: float, hi: float) -> None:
@@ -92,8 +103,10 @@ class ModelHandle:
                 raise ValueError(f"pick a digit in 0..9 for the embedded model, got {request.digit!r}")
         elif not (request.prompt or "").strip():
             raise ValueError("the prompt is empty: type what to generate")
+        _check_int("steps", request.steps)
         _check_range("steps", request.steps, *STEPS_RANGE)
         _check_range("guidance scale", request.guidance, *GUIDANCE_RANGE)
+        _check_int("seed", request.seed)
         _check_range("seed", request.seed, *SEED_RANGE)
         size = request.size
         if self.size_fixed or size is None:
@@ -181,6 +194,10 @@ def load_model(name: str, device: str = "cpu") -> ModelHandle:
     name = (name or "").strip()
     if not name:
         raise ModelLoadError("no model given: choose 'embedded', a local diffusers folder or a hub id")
+    if name != EMBEDDED and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
+        if not Path(name).expanduser().exists():
+            raise ModelLoadError(f"no such folder: {name} (give an existing diffusers pipeline folder, 'embedded' "
+                                 "or a hub id such as org/model)")
     try:
         if name == EMBEDDED:
             from ..embedded import load_embedded
@@ -200,7 +217,21 @@ def load_model(name: str, device: str = "cpu") -> ModelHandle:
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one readable message
+        if name != EMBEDDED and not Path(name).expanduser().exists():
+            raise ModelLoadError(_not_available(name, exc)) from exc
         raise ModelLoadError(f"could not load {name!r}: {type(exc).__name__}: {exc}".strip()) from exc
+
+
+def _not_available(name: str, exc: BaseException) -> str:
+    """The message for a hub id that is neither a local folder nor in the local cache (the demo never downloads:
+    diffusers' own hint, ``local_files_only=False``, is something the page cannot do)."""
+    detail = str(exc).split("\n")[0]
+    if "local_files_only" in detail or "offline" in detail.lower() or "connect" in detail.lower():
+        detail = type(exc).__name__
+    return (f"{name!r} is not available offline: it is not a local folder and not in the local Hugging Face cache. "
+            f"On a machine with network, run `huggingface-cli download {name} --local-dir <folder>` (or "
+            f"DiffusionPipeline.from_pretrained(...).save_pretrained(<folder>)), then enter that folder's path here "
+            f"({detail}).")
 
 
 class ModelCache:
@@ -237,7 +268,9 @@ class RunResult:
     image: torch.Tensor | None = None  # (3, H, W) in [0, 1]
     seconds: float | None = None
     forwards: float | None = None  # denoiser forwards (full-forward equivalents, cond + uncond)
-    speedup: float | None = None
+    speedup: float | None = None  # median over repeats of baseline time / this time (same round)
+    speedup_range: tuple[float, float] | None = None  # (min, max) of those per-round ratios
+    speedups: list[float] = field(default_factory=list)  # every round's ratio
     psnr: float | None = None
     ssim: float | None = None
     digit_read: int | None = None  # what the digit classifier reads (embedded model only)
@@ -292,13 +325,17 @@ def _oom(request: GenerationRequest) -> OutOfMemory:
 
 
 def run_comparison(handle: ModelHandle, request: GenerationRequest, configs: Sequence[Variant],
-                   on_progress: Progress | None = None, repeats: int = 1) -> Comparison:
+                   on_progress: Progress | None = None, repeats: int = 1,
+                   should_stop: Callable[[], bool] | None = None) -> Comparison:
     """Generate the baseline and each config on the same seed; every config is removed again afterwards.
 
     With ``repeats`` > 1 the runs are interleaved (base A B base A B ...) and the median wall time is shown;
-    images, forwards and timelines come from the first round. A config that fails (unsupported model, bad
-    setting) gets its error in its row; the others still run. Out of memory raises :class:`OutOfMemory`;
-    invalid input raises ValueError.
+    images, forwards and timelines come from the first round. The speed-up is the median of the per-round
+    ratios (baseline / config in the same round) with their min-max: on a shared machine one number misleads.
+    A config that fails (unsupported model, bad setting) gets its error in its row; the others still run. Out
+    of memory raises :class:`OutOfMemory`; invalid input raises ValueError. ``should_stop()`` is asked after
+    every denoising step: when it says True the run stops there (:class:`Cancelled`), the configuration is
+    removed and the pipeline's lock released.
     """
     request = handle.validate(request)
     if len(configs) > MAX_CONFIGS:
@@ -337,6 +374,8 @@ def run_comparison(handle: ModelHandle, request: GenerationRequest, configs: Seq
                     tag = f" (repeat {rep + 1}/{repeats})" if repeats > 1 else ""
 
                     def on_step(step: int, done: int = done, name: str = v.name, tag: str = tag) -> None:
+                        if should_stop is not None and should_stop():
+                            raise Cancelled(f"cancelled at {name}, step {step + 1}/{request.steps}{tag}")
                         if on_progress:
                             on_progress((done + step + 1) / total, f"{name}: step {step + 1}/{request.steps}{tag}")
 
@@ -352,6 +391,8 @@ def run_comparison(handle: ModelHandle, request: GenerationRequest, configs: Seq
                             res.forwards = counter.take() if counter is not None else None
                             res.timeline = _timeline(pipe)
                     except Exception as exc:  # noqa: BLE001 - one config failing must not sink the others
+                        if isinstance(exc, Cancelled):
+                            raise
                         if _is_oom(exc):
                             raise _oom(request) from exc
                         if k == 0:
@@ -367,6 +408,8 @@ def run_comparison(handle: ModelHandle, request: GenerationRequest, configs: Seq
                 counter.remove()
     for res, ts in zip(runs, times):
         res.seconds = statistics.median(ts) if ts and res.image is not None else None
+        if res.image is not None and times[0] and len(ts) == len(times[0]):
+            res.speedups = [b / t for b, t in zip(times[0], ts) if t > 0]
     if on_progress:
         on_progress(1.0, "measuring quality (the first run also fits the digit classifier)" if handle.digits
                     else "measuring quality")
@@ -389,7 +432,10 @@ def _score(handle: ModelHandle, request: GenerationRequest, runs: list[RunResult
     for r in runs:
         if r.image is None:
             continue
-        if base.seconds and r.seconds:
+        if r.speedups:
+            r.speedup = statistics.median(r.speedups)
+            r.speedup_range = (min(r.speedups), max(r.speedups))
+        elif base.seconds and r.seconds:
             r.speedup = base.seconds / r.seconds
         if r is not base and base.image is not None:
             r.psnr = metrics.psnr(r.image, base.image)
@@ -403,7 +449,8 @@ def _score(handle: ModelHandle, request: GenerationRequest, runs: list[RunResult
                 r.digit_ok = r.digit_read == int(request.digit) if request.digit is not None else None
 
 
-TABLE_HEADERS = ["configuration", "wall s", "speed-up", "denoiser forwards", "PSNR dB", "SSIM", "digit accuracy"]
+TABLE_HEADERS = ["configuration", "wall s (median)", "speed-up (median, min-max)", "denoiser forwards", "PSNR dB",
+                 "SSIM", "digit read"]
 
 
 def _fmt(value: float | None, fmt: str) -> str:
@@ -423,14 +470,23 @@ def metrics_table(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
         if r.error and r.image is None:
             rows.append([r.name, f"failed: {r.error}", "-", "-", "-", "-"] + (["-"] if digits else []))
             continue
-        row = [r.name, _fmt(r.seconds, "{:.3f}"), _fmt(r.speedup, "{:.2f}x"), _fmt(r.forwards, "{:g}"),
+        row = [r.name, _fmt(r.seconds, "{:.3f}"), _speedup_text(r), _fmt(r.forwards, "{:g}"),
                _fmt(r.psnr, "{:.2f}"), _fmt(r.ssim, "{:.4f}")]
         if digits:
-            row.append("-" if r.digit_read is None else
-                       f"{100 if r.digit_ok else 0}% (reads {r.digit_read})" if r.digit_ok is not None
-                       else f"reads {r.digit_read}")
+            # one image: what it reads as, never a 0%/100% "accuracy" (accuracy is for sets: the Sweep tab)
+            row.append("-" if r.digit_read is None else f"reads as {r.digit_read}")
         rows.append(row)
     return headers, rows
+
+
+def _speedup_text(r: RunResult) -> str:
+    """``1.52x (1.39-2.15)``: the median and the min-max of the per-round ratios (the note gives the rounds)."""
+    if r.speedup is None:
+        return "-"
+    if r.speedup_range is None or len(r.speedups) < 2 or r.speedup_range[0] == r.speedup_range[1]:
+        return f"{r.speedup:.2f}x"
+    lo, hi = r.speedup_range
+    return f"{r.speedup:.2f}x ({lo:.2f}-{hi:.2f})"
 
 
 def timeline_figure(comparison: Comparison):
