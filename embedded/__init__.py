@@ -61,6 +61,9 @@ def embedded_pipeline_class() -> type:
                     kwargs[key] = value
             return super().__call__(*args, **kwargs)
 
+    # Named as the diffusers class it is: tools that dispatch on the class name (peers such as cache-dit)
+    # treat it as the Wan pipeline, and save_pretrained writes a model_index.json any diffusers loads.
+    EmbeddedWanPipeline.__name__ = EmbeddedWanPipeline.__qualname__ = "WanPipeline"
     return EmbeddedWanPipeline
 
 

@@ -1,4 +1,5 @@
-"""hasten's EasyCache and Adaptive Guidance nodes on every ComfyUI model family, in the real engine.
+"""Every hasten ComfyUI node (EasyCache, Adaptive Guidance, Quantize Model, Sparse Attention, the Bottleneck
+KSampler) on every ComfyUI model family, in the real engine (0.3.75, or ``$HASTEN_COMFYUI_DIR``).
 
 Tiny random models (tests/comfy_env.py): Wan 2.1 and SD3 through ComfyUI's loader and detection; SD1.x,
 SDXL, Flux, Qwen-Image, HunyuanVideo and LTX-Video built directly (their detection needs full-size
@@ -111,3 +112,121 @@ def test_wan22_two_experts_each_with_its_own_cache(comfy) -> None:
     assert torch.isfinite(out).all() and _rel(out, base) < 0.1, _rel(out, base)
     # the same patched expert pair again: identical (state reset between runs)
     assert torch.equal(_two_experts(comfy, ph, pl), out)
+
+
+# -- Quantize Model, Sparse Attention and the Bottleneck KSampler on every family ------------------
+def _weights(m) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.model.diffusion_model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantize_on_family(comfy, built, family) -> None:
+    import sys
+
+    m, kind, base, n_base = _base(comfy, built, family)
+    node = comfy.node_classes["HastenQuantize"]
+    before = _weights(m)
+    pm, text = ce.call_node(node, m, "int8_weight_only", 64, 0.0)
+    rep = sys.modules[node.__module__].report(pm)
+    assert rep is not None and len(rep.quantized) > 0, text
+    assert f"{len(rep.quantized)} linear layers quantized" in text
+    out, n = _run(comfy, pm, m, kind)
+    assert n == n_base
+    # int8 per-output-channel weights: rounding error <= 1/254 of each row's largest weight; through the few
+    # layers of these tiny models it stays near that over the run (measured <= 0.002): 0.02 leaves a 10x margin,
+    # and a quantized run must differ from the float one at all (> 0: the patches were swapped in)
+    assert torch.isfinite(out).all() and 0 < _rel(out, base) < 0.02, _rel(out, base)
+    # the original MODEL is unchanged: same weights, same image
+    again, _ = _run(comfy, m, m, kind)
+    assert torch.equal(again, base)
+    after = _weights(m)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_attention_on_family(comfy, built, family) -> None:
+    import sys
+
+    m, kind, base, n_base = _base(comfy, built, family)
+    node = comfy.node_classes["HastenSparseAttention"]
+    mod = sys.modules[node.__module__]
+    (off,) = ce.call_node(node, m, 1.0, 1, 16, 0, 0)
+    assert torch.equal(_run(comfy, off, m, kind)[0], base)  # target_mass 1.0: off, bit-identical
+    (pm,) = ce.call_node(node, m, 0.5, 1, 16, 0, 0)
+    out, n = _run(comfy, pm, m, kind)
+    st = mod.stats(pm)
+    holder = pm.model_options["transformer_options"][mod.HOLDER_KEY]
+    assert holder.warning is None, holder.warning  # a silent (or warned) no-op fails here
+    assert st is not None and st.sparse_calls > 0 and st.blocks_kept < st.blocks_total, st
+    assert n == n_base
+    # random tiny models attend almost uniformly, so the dropped key blocks barely move the output (measured
+    # <= 1e-3); it must move at all (the sparse outputs were used) and stay within 5% of the dense run
+    assert not torch.equal(out, base)
+    assert torch.isfinite(out).all() and _rel(out, base) < 0.05, (_rel(out, base), st.summary())
+    (text,) = ce.call_node(comfy.node_classes["HastenRunStats"], pm, {"samples": out})
+    assert f"{st.sparse_calls} sparse" in text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bottleneck_on_family(comfy, built, family) -> None:
+    m, kind, base, _ = _base(comfy, built, family)
+    node = comfy.node_classes["HastenBottleneckSampler"]
+    lat = ce.latent(kind)
+    full = tuple(lat["samples"].shape[-2:])
+    seen: list[int] = []  # latent elements per row reaching the diffusion model, call by call
+    hook = m.model.diffusion_model.register_forward_pre_hook(lambda mod, args: seen.append(args[0][0].numel()))
+    try:
+        with ce.ForwardCounter(m) as fc:
+            out, text = ce.call_node(node, m, 0, STEPS, 3.0, "euler", "simple", ce.conditioning(kind, 1),
+                                     ce.conditioning(kind, 2), lat, "1,0.5,1", "0.25,0.75")
+    finally:
+        hook.remove()
+    out = out["samples"]
+    assert out.shape == base.shape and torch.isfinite(out).all()
+    assert f"3 stages: 1x latent {full[0]}x{full[1]}" in text, text
+    assert f"0.5x latent {full[0] // 2}x{full[1] // 2}" in text, text
+    assert fc.rows == 2 * STEPS  # every step ran (cond + uncond), the middle ones on fewer cells
+    big = max(seen)
+    assert sorted(set(seen)) == [big // 4, big], seen  # the middle stage really ran at half the side
+    assert seen.count(big // 4) == seen.count(big), seen  # 4 of 8 steps
+    assert not torch.equal(out, base)
+    (off, _) = ce.call_node(node, m, 0, STEPS, 3.0, "euler", "simple", ce.conditioning(kind, 1),
+                            ce.conditioning(kind, 2), ce.latent(kind), "1", "")
+    assert torch.equal(off["samples"], base)  # scales all 1: the plain KSampler, bit-identical
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bottleneck_refuses_sizes_it_cannot_halve(comfy, built, family) -> None:
+    m, kind, _, _ = _base(comfy, built, family)
+    node = comfy.node_classes["HastenBottleneckSampler"]
+    lat = ce.latent(kind, size=10)  # half of 10 (LTX: of 5) is no whole multiple of any family's patch size
+    with ce.ForwardCounter(m) as fc, pytest.raises(ValueError, match=r"KSampler \(Bottleneck, hasten\): .*whole "
+                                                                      r"multiple of \d+"):
+        ce.call_node(node, m, 0, STEPS, 3.0, "euler", "simple", ce.conditioning(kind, 1), ce.conditioning(kind, 2),
+                     lat, "1,0.5,1", "0.25,0.75")
+    assert fc.rows == 0  # refused before any sampling work, not a tensor-size crash midway
+
+
+def test_wan22_two_experts_quantized_and_sparse(comfy) -> None:
+    """Wan 2.2: each expert quantized / made sparse by its own node; both experts' work changes, the originals
+    don't. (The Bottleneck KSampler samples all steps with one MODEL: a two-expert run is KSamplerAdvanced's.)"""
+    import sys
+
+    high, low = ce.tiny_wan(seed=1), ce.tiny_wan(seed=2)
+    base = _two_experts(comfy, high, low)
+    quant = comfy.node_classes["HastenQuantize"]
+    qh, ql = (ce.call_node(quant, m, "int8_weight_only", 64, 0.0)[0] for m in (high, low))
+    qmod = sys.modules[quant.__module__]
+    assert len(qmod.report(qh).quantized) > 0 and len(qmod.report(ql).quantized) > 0
+    out = _two_experts(comfy, qh, ql)
+    assert torch.isfinite(out).all() and 0 < _rel(out, base) < 0.02, _rel(out, base)
+    assert torch.equal(_two_experts(comfy, high, low), base)  # originals unchanged
+    sparse = comfy.node_classes["HastenSparseAttention"]
+    smod = sys.modules[sparse.__module__]
+    sh, sl = (ce.call_node(sparse, m, 0.5, 1, 16, 0, 0)[0] for m in (high, low))
+    out = _two_experts(comfy, sh, sl)
+    for pm in (sh, sl):  # each expert's run is its own: warm-up, search and sparse steps within its 4 steps
+        st = smod.stats(pm)
+        assert pm.model_options["transformer_options"][smod.HOLDER_KEY].warning is None
+        assert st is not None and st.sparse_calls > 0 and st.blocks_kept < st.blocks_total, st
+    assert not torch.equal(out, base) and torch.isfinite(out).all() and _rel(out, base) < 0.05, _rel(out, base)
