@@ -104,6 +104,23 @@ def _to_vae(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------- VAE
+def vae_train_step(vae: Any, x: torch.Tensor, opt: Any, sched: Any) -> tuple[float, float]:
+    """One VAE step (image or video): reconstruction MSE + 0.5 L1 plus 2e-4 KL, gradients clipped at 1.
+
+    Returns the step's reconstruction MSE and KL per element, for the log.
+    """
+    post = vae.encode(x).latent_dist
+    out = vae.decode(post.sample()).sample
+    kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+    loss = F.mse_loss(out, x) + 0.5 * F.l1_loss(out, x) + 2e-4 * kl
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return F.mse_loss(out.detach(), x).item(), kl.item()
+
+
 def train_vae(vae, images: torch.Tensor, args: argparse.Namespace, log) -> dict[str, float]:
     gen = torch.Generator().manual_seed(args.seed + 1)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
@@ -113,18 +130,8 @@ def train_vae(vae, images: torch.Tensor, args: argparse.Namespace, log) -> dict[
     for step in range(args.vae_steps):
         idx = torch.randint(0, len(images), (args.vae_batch,), generator=gen)
         x = _to_vae(augment(images[idx], gen))
-        post = vae.encode(x).latent_dist
-        out = vae.decode(post.sample(generator=None)).sample
-        rec_l = F.mse_loss(out, x) + 0.5 * F.l1_loss(out, x)
-        kl_l = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
-        loss = rec_l + 2e-4 * kl_l
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        rec = 0.9 * rec + 0.1 * F.mse_loss(out.detach(), x).item() if step else F.mse_loss(out, x).item()
-        kl = kl_l.item()
+        m, kl = vae_train_step(vae, x, opt, sched)
+        rec = 0.9 * rec + 0.1 * m if step else m
         if step % 100 == 0 or step == args.vae_steps - 1:
             log(f"vae step {step:5d}  mse {rec:.5f}  kl/elem {kl:.3f}")
     vae.eval()

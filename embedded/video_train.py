@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .train import vae_train_step
 from .video_data import (
     DIRECTIONS,
     HALF_SIZE,
@@ -157,19 +158,8 @@ def train_vae(vae, sprites, steps: int, batch: int, seed: int, log, device: str 
         idx = torch.randint(0, len(sprites), (batch,), generator=gen)
         dirs = torch.randint(0, 4, (batch,), generator=gen)
         x = to_vae(downsample(render_clips(sprites[idx], dirs, gen), HALF_SIZE)).to(device)
-        post = vae.encode(x).latent_dist
-        out = vae.decode(post.sample()).sample
-        loss_rec = F.mse_loss(out, x) + 0.5 * F.l1_loss(out, x)
-        loss_kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
-        loss = loss_rec + 2e-4 * loss_kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        m = F.mse_loss(out.detach(), x).item()
+        m, kl = vae_train_step(vae, x, opt, sched)
         rec = m if step == 0 else 0.9 * rec + 0.1 * m
-        kl = loss_kl.item()
         if step % 25 == 0 or step == steps - 1:
             log(f"vae step {step:5d}  mse {rec:.5f}  kl/elem {kl:.3f}")
     vae.eval()
