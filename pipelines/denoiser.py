@@ -248,34 +248,6 @@ class row_keys:  # noqa: N801 - used as a context manager, like torch.no_grad
             setattr(self.module, ROW_KEYS_ATTR, self.prev)
 
 
-def branch_keys(pipe: Any, context: str | None, batch: int,
-                module: torch.nn.Module | None = None) -> tuple[list, list[str]]:
-    """Key and label for every row: which branch (cond/uncond) and which batch item it is.
-
-    The simple, stateless rule kept for hooks that need no call history; :class:`CallPattern` (through
-    ``DenoiserHook.identify``) also tells sequential calls, PAG and unflagged batched CFG apart.
-    """
-    given = getattr(module, ROW_KEYS_ATTR, None) if module is not None else None
-    if given is not None and len(given) == batch:
-        keys = list(given)
-        return keys, [f"{n}[{i}]" for n, i in keys]
-    if context is None or context in BATCHED_CONTEXTS:
-        pipe_obj = pipe() if isinstance(pipe, weakref.ref) else pipe
-        cfg = bool(getattr(pipe_obj, "do_classifier_free_guidance", False)) if pipe_obj is not None else False
-        if cfg and batch % 2 == 0:
-            half = batch // 2
-            names = ["uncond"] * half + ["cond"] * half  # diffusers concatenates [uncond, cond]
-            items = list(range(half)) * 2
-        else:
-            names = ["cond"] * batch
-            items = list(range(batch))
-    else:
-        names = [CONTEXT_BRANCH.get(context, context)] * batch
-        items = list(range(batch))
-    keys = [(n, i) for n, i in zip(names, items)]
-    return keys, [f"{n}[{i}]" for n, i in keys]
-
-
 # -- branch identification from the call pattern ---------------------------------------------------
 log = logging.getLogger("hasten")
 
