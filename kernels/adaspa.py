@@ -227,6 +227,18 @@ class AdaSpaStats:
         return (f"sparse attention: {self.sparse_calls} sparse, {self.search_calls} search, "
                 f"{self.dense_calls} dense calls{fb}{kept}{tail}")
 
+    def no_effect_reason(self, config: AdaSpaConfig) -> str | None:
+        """Why no call went sparse in this run (None when one did), for the adapters' warning."""
+        if self.sparse_calls or self.search_calls:
+            return None
+        reasons = []
+        if self.dense_calls:
+            reasons.append(f"{self.dense_calls} self-attention calls stayed dense: sequences shorter than "
+                           f"min_seq_len={config.min_seq_len} or a run of no more than "
+                           f"warmup_steps={config.warmup_steps} steps")
+        reasons += [f"{n} calls dense: {why}" for why, n in sorted(self.fallbacks.items())]
+        return "; ".join(reasons) or "no self-attention call ran"
+
 
 class AdaSpa:
     """Per-run state: patterns keyed by (layer, branch), searched after warm-up and refreshed at a cadence.

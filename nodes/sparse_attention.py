@@ -102,12 +102,11 @@ def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
                 log.warning("%s: %s", NODE_NAME, holder.warning)
                 return
             holder.last_run = done
-            if done.sparse_calls or done.search_calls:
+            reason = done.no_effect_reason(holder.config)
+            if reason is None:
                 log.info("%s: %s", NODE_NAME, done.summary())
             else:
-                holder.warning = (f"no effect in this run ({done.summary()}): sequences shorter than "
-                                  f"min_seq_len={holder.config.min_seq_len} or no more than "
-                                  f"warmup_steps={holder.config.warmup_steps} steps")
+                holder.warning = f"no effect in this run ({done.summary()}): {reason}"
                 log.warning("%s: %s", NODE_NAME, holder.warning)
 
         return run, finish

@@ -336,16 +336,11 @@ def _report(st: AdaSpaStats | None, config: AdaSpaConfig, label: str) -> None:
         log.warning("hasten sparse attention had no effect on %s in this run: no self-attention call reached it "
                     "(supported: %s)", label, SUPPORTED_TEXT)
         return
-    if st.sparse_calls or st.search_calls:
+    reason = st.no_effect_reason(config)
+    if reason is None:
         log.info("hasten %s (%s)", st.summary(), label)
-        return
-    reasons = []
-    if st.dense_calls:
-        reasons.append(f"{st.dense_calls} self-attention calls stayed dense: sequences shorter than "
-                       f"min_seq_len={config.min_seq_len} or a run of no more than warmup_steps={config.warmup_steps} "
-                       f"steps")
-    reasons += [f"{n} calls dense: {why}" for why, n in sorted(st.fallbacks.items())]
-    log.warning("hasten sparse attention had no effect on %s in this run (%s)", label, "; ".join(reasons))
+    else:
+        log.warning("hasten sparse attention had no effect on %s in this run (%s)", label, reason)
 
 
 class SparseAttentionFeature(Feature):
