@@ -30,6 +30,13 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("Int4WeightOnlyConfig", "Int8WeightOnlyConfig", "W8A8Config", "calibrate", "dequantize_",
                      "load_quantized", "quantize_", "save_quantized", "weight_memory"), "quant"),
     "BottleneckConfig": "samplers.bottleneck",
+    **dict.fromkeys(("CacheQuantConfig", "CacheQuantPlan"), "caches.cachequant"),
+    **dict.fromkeys(("enable_cachequant", "disable_cachequant", "calibrate_cachequant"), "pipelines"),
+    **dict.fromkeys(("SADA", "SADAConfig"), "caches.sada"),
+    **dict.fromkeys(("enable_sada", "disable_sada"), "pipelines"),
+    **dict.fromkeys(("DeltaDiTConfig", "ProfilingDiTConfig"), "caches.blockcache"),
+    **dict.fromkeys(("enable_delta_dit", "disable_delta_dit", "enable_profiling_dit", "disable_profiling_dit"),
+                    "pipelines"),
     **dict.fromkeys(("GuidanceConfig", "LinearAGCoefficients"), "samplers.guidance"),
     **dict.fromkeys((
         "dequantize_pipeline", "disable_adaptive_guidance", "disable_bottleneck_sampling", "disable_easycache",
@@ -37,6 +44,7 @@ _EXPORTS: dict[str, str] = {
         "enable_sparse_attention", "features", "install_pipeline_methods", "quantize_pipeline", "stats", "summary",
     ), "pipelines"),
     **dict.fromkeys(("check", "check_path"), "pipelines.check"),
+    **dict.fromkeys(("tune", "apply"), "tune"),
 }
 
 __all__ = sorted([*_EXPORTS, "UnsupportedModelError", "__version__", "load_embedded"])

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "check": ("pipelines.check_cli", "say which accelerators will engage on a model folder, and why not"),
     "bench-kernels": ("kernels.bench", "time attention kernels (dense, block-sparse, SDPA)"),
     "calibrate-guidance": ("samplers.calibrate", "fit LinearAG coefficients on calibration trajectories"),
+    "tune": ("tune.cli", "search the fastest accelerator stack that keeps a quality floor; write a preset"),
 }
 
 

@@ -35,7 +35,8 @@ import torch
 from ..errors import UnsupportedModelError
 
 STEPS = 5
-FEATURES = ("easycache", "guidance_ag", "guidance_truncate", "sparse_attention", "quant_int8", "bottleneck")
+FEATURES = ("easycache", "guidance_ag", "guidance_truncate", "sparse_attention", "quant_int8", "bottleneck",
+            "delta_dit", "profiling_dit", "sada")
 WORKS, UNSUPPORTED, WRONG, CRASH = "works", "unsupported", "wrong", "crash"
 TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
 
@@ -305,6 +306,21 @@ def _easycache(fam: Any, fr: FamilyRun, steps: int, logs: _LogCount) -> str:
     return f"rows {on.rows}/{base.rows}"
 
 
+def _sada(fam: Any, fr: FamilyRun, steps: int, logs: _LogCount) -> str:
+    pipe, base = fr.pipe, fr.base
+    pipe.enable_sada(max_interval=0)
+    _off_identical(probe(fam, pipe, fr.kwargs, steps), base, "max_interval=0")
+    pipe.enable_sada(max_interval=1, threshold=10.0, start=0.0, end=1.0, final_steps=0)  # skip when allowed
+    logs.count = 0
+    on = probe(fam, pipe, fr.kwargs, steps)
+    _finite_same_shape(on, base)
+    _require(on.rows < base.rows, f"silent no-op: {on.rows} rows at the first block vs {base.rows} baseline")
+    _not_merged(on, base)
+    pipe.disable_sada()
+    _restored(probe(fam, pipe, fr.kwargs, steps), base, "disable_sada", pipe)
+    return f"rows {on.rows}/{base.rows}"
+
+
 def _guidance(mode: str) -> Callable:
     def run(fam: Any, fr: FamilyRun, steps: int, logs: _LogCount) -> str:
         pipe, base = fr.pipe, fr.base
@@ -412,6 +428,49 @@ def _bottleneck(fam: Any, fr: FamilyRun, steps: int, logs: _LogCount) -> str:
     return f"elems {p.elems}/{base.elems}"
 
 
+def _block_cache(feature: str, off: dict, on: dict) -> Callable:
+    """Block caches call every block but skip its inside: work is counted at each block's first child holding a
+    linear layer (its attention), by plain pre-hooks of this harness."""
+
+    def run(fam: Any, fr: FamilyRun, steps: int, logs: _LogCount) -> str:
+        from ..pipelines.blockcache import find_blocks
+
+        pipe, base = fr.pipe, fr.base
+        rows = [0]
+        handles = []
+        for den in fam.denoisers(pipe).values():
+            try:
+                blocks = find_blocks(den)[1]
+            except UnsupportedModelError:
+                continue
+            for b in blocks:
+                child = next((c for c in b.children() if any(isinstance(m, torch.nn.Linear) for m in c.modules())), b)
+                handles.append(child.register_forward_pre_hook(
+                    lambda m, a, kw: rows.__setitem__(0, rows[0] + next(
+                        int(v.shape[0]) for v in (*a, *kw.values()) if isinstance(v, torch.Tensor))), with_kwargs=True))
+        try:
+            getattr(pipe, f"enable_{feature}")(**off)
+            rows[0] = 0
+            _off_identical(probe(fam, pipe, fr.kwargs, steps), base, f"{feature} off ({off})")
+            base_rows = rows[0]
+            getattr(pipe, f"enable_{feature}")(**on)
+            logs.count = 0
+            rows[0] = 0
+            p = probe(fam, pipe, fr.kwargs, steps)
+            on_rows = rows[0]
+            _finite_same_shape(p, base)
+            _not_merged(p, base)
+            _require(on_rows < base_rows, f"silent no-op: {on_rows} block rows computed vs {base_rows} baseline")
+            getattr(pipe, f"disable_{feature}")()
+            _restored(probe(fam, pipe, fr.kwargs, steps), base, f"disable_{feature}", pipe)
+        finally:
+            for h in handles:
+                h.remove()
+        return f"block rows {on_rows}/{base_rows}"
+
+    return run
+
+
 PROTOCOLS: dict[str, Callable] = {
     "easycache": _easycache,
     "guidance_ag": _guidance("ag"),
@@ -419,11 +478,16 @@ PROTOCOLS: dict[str, Callable] = {
     "sparse_attention": _sparse,
     "quant_int8": _quant,
     "bottleneck": _bottleneck,
+    "delta_dit": _block_cache("delta_dit", dict(interval=1), dict(interval=2, warmup=0.0)),
+    "profiling_dit": _block_cache("profiling_dit", dict(threshold=0.0), dict(threshold=10.0, profile=0.2,
+                                                                                      final_steps=0)),
+    "sada": _sada,
 }
 DISABLE = {
     "easycache": "disable_easycache", "guidance_ag": "disable_adaptive_guidance",
     "guidance_truncate": "disable_adaptive_guidance", "sparse_attention": "disable_sparse_attention",
     "quant_int8": "dequantize", "bottleneck": "disable_bottleneck_sampling",
+    "delta_dit": "disable_delta_dit", "profiling_dit": "disable_profiling_dit", "sada": "disable_sada",
 }
 
 
@@ -490,7 +554,9 @@ def run_cell(fr: FamilyRun, feature: str, steps: int = STEPS) -> Cell:
 
 
 CHECK_NAME = {"easycache": "easycache", "guidance_ag": "adaptive_guidance", "guidance_truncate": "adaptive_guidance",
-              "sparse_attention": "sparse_attention", "quant_int8": "quantization", "bottleneck": "bottleneck"}
+              "sparse_attention": "sparse_attention", "quant_int8": "quantization", "bottleneck": "bottleneck",
+              "delta_dit": "block_cache", "profiling_dit": "block_cache",
+              "sada": "easycache"}  # SADA runs on EasyCache's denoiser hook: same support surface
 
 
 def _prediction(report: Any, feature: str) -> str:

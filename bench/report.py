@@ -15,12 +15,17 @@ COLUMNS = [
     ("median s", "median_s", "{:.3f}"),
     ("speed-up", "speedup", "{:.2f}x"),
     ("fwd/img", "forwards_per_image", "{:.1f}"),
+    ("work", "work", "{:.2f}x"),
     ("weights", "weight_ratio", "{:.2f}x"),
     ("PSNR dB", "psnr", "{:.2f}"),
     ("SSIM", "ssim", "{:.4f}"),
     ("digit acc", "accuracy", "{:.0%}"),
+    ("motion acc", "motion_accuracy", "{:.0%}"),
     ("Fréchet", "frechet", "{:.2f}"),
+    ("keys kept", "key_blocks_kept", "{:.0%}"),
 ]
+# shown only when some row has a value (video metrics, sparse attention's kept key blocks)
+OPTIONAL = {"motion_accuracy", "key_blocks_kept"}
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -33,14 +38,16 @@ def _cell(value: Any, fmt: str) -> str:
 
 def table(rows: Sequence[BenchRow]) -> str:
     """The side-by-side table (unavailable or failed variants listed with their reason)."""
-    cells = [[h for h, _, _ in COLUMNS]]
+    cols = [c for c in COLUMNS
+            if c[1] not in OPTIONAL or any(getattr(r, c[1]) is not None for r in rows if not r.error)]
+    cells = [[h for h, _, _ in cols]]
     notes = []
     for r in rows:
         if r.error:
             notes.append(f"  {r.name}: not measured — {r.error}")
             continue
-        cells.append([_cell(getattr(r, attr), fmt) for _, attr, fmt in COLUMNS])
-    widths = [max(len(c[j]) for c in cells) for j in range(len(COLUMNS))]
+        cells.append([_cell(getattr(r, attr), fmt) for _, attr, fmt in cols])
+    widths = [max(len(c[j]) for c in cells) for j in range(len(cols))]
     lines = ["  ".join(c[j].ljust(widths[j]) if j == 0 else c[j].rjust(widths[j]) for j in range(len(c)))
              for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +16,10 @@ from .. import metrics
 from ..quant import weight_memory
 from .variants import Variant
 
-Generate = Callable[[Any, int], torch.Tensor]  # (pipe, seed) -> images (B,3,H,W) in [0,1]
+Generate = Callable[[Any, int], torch.Tensor]  # (pipe, seed) -> images (B,3,H,W) or clips (B,T,3,H,W) in [0,1]
+# (all outputs of one variant, concatenated over seeds) -> task metrics: "accuracy", "per_class", "frechet",
+# and for videos "motion_accuracy", "clip_accuracy" (any subset)
+Score = Callable[[torch.Tensor], dict[str, Any]]
 
 
 @dataclass
@@ -29,12 +33,17 @@ class BenchRow:
     median_s: float | None = None
     speedup: float | None = None
     forwards_per_image: float | None = None
+    work: float | None = None  # denoiser tokens processed per image vs. the baseline's (bottleneck's smaller stage)
     weight_ratio: float | None = None  # denoiser weight bytes vs. the unquantized model in bf16
     psnr: float | None = None
     ssim: float | None = None
-    accuracy: float | None = None
+    accuracy: float | None = None  # per image; per frame on videos
     per_class: dict[int, float] | None = None
     frechet: float | None = None
+    motion_accuracy: float | None = None  # videos: the digit moves the prompted way
+    clip_accuracy: float | None = None  # videos: majority reading over a clip's frames
+    key_blocks_kept: float | None = None  # sparse attention: kept / visited-if-dense key blocks (last batch)
+    summary: str | None = None  # what hasten's features did in the last batch of the first repeat
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,13 +69,22 @@ class ForwardCounter:
             probes = [denoiser.conv_out]
         self.probes = probes
         self.rows = 0
+        self.tokens = 0
         self._handles = [p.register_forward_pre_hook(self._hook) for p in probes]
 
     def _hook(self, module: torch.nn.Module, args: tuple) -> None:
-        self.rows += args[0].shape[0]
+        x = args[0]
+        self.rows += x.shape[0]
+        # tokens: (B, S, D) sequences, or the spatial positions of (B, C, H, W...) feature maps
+        self.tokens += x.shape[0] * x.shape[1] if x.ndim == 3 else x.shape[0] * math.prod(x.shape[2:])
 
     def take(self) -> float:
         n, self.rows = self.rows, 0
+        return n / len(self.probes)
+
+    def take_tokens(self) -> float:
+        """Tokens through every block since the last call, per block (full-forward token equivalents)."""
+        n, self.tokens = self.tokens, 0
         return n / len(self.probes)
 
     def remove(self) -> None:
@@ -78,6 +96,69 @@ def _denoiser(pipe: Any) -> torch.nn.Module:
     return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
 
 
+def _as_images(x: torch.Tensor) -> torch.Tensor:
+    """Clips (B, T, C, H, W) as one image per clip, frames stacked vertically (B, C, T*H, W): PSNR then takes
+    the mean squared error over the whole clip; images pass through."""
+    if x.ndim != 5:
+        return x
+    b, t, c, h, w = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(b, c, t * h, w)
+
+
+def _as_frames(x: torch.Tensor) -> torch.Tensor:
+    """Clips (B, T, C, H, W) as their frames (B*T, C, H, W) (SSIM's window stays inside one frame)."""
+    return x.reshape(-1, *x.shape[2:]) if x.ndim == 5 else x
+
+
+def _feature_figures(pipe: Any) -> tuple[float | None, str | None]:
+    """(key blocks kept fraction of sparse attention, hasten.summary) after a run; (None, None) without hasten
+    features (peers, baseline)."""
+    from ..pipelines.registry import features
+
+    try:
+        feats = features(pipe)
+    except Exception:  # noqa: BLE001 - not a diffusers pipeline (e.g. the ComfyUI target)
+        return None, None
+    if not feats:
+        return None, None
+    from ..pipelines.registry import summary
+
+    kept = total = 0
+    for feat in feats.values():
+        for st in feat.stats().values():
+            kept += getattr(st, "blocks_kept", 0) or 0
+            total += getattr(st, "blocks_total", 0) or 0
+    return (kept / total if total else None), summary(pipe)
+
+
+def digit_scorer(targets: Sequence[int]) -> Score:
+    """Task metrics of the image bench: prompted-digit accuracy (overall, per class) and the Fréchet distance
+    (``targets``: the prompted digit of every image, over all seeds)."""
+
+    def score(images: torch.Tensor) -> dict[str, Any]:
+        acc = metrics.digit_accuracy(images, targets)
+        # a Fréchet distance needs >= 2 images (a covariance): left empty for one-image benches
+        return {"accuracy": acc["accuracy"], "per_class": acc["per_class"],
+                "frechet": metrics.frechet_distance(images) if len(images) >= 2 else None}
+
+    return score
+
+
+def video_scorer(digits: Sequence[int], directions: Sequence[str]) -> Score:
+    """Task metrics of the video bench (``hasten.embedded.video.score_videos``): per-frame digit accuracy,
+    clip (majority) digit accuracy, motion accuracy and the Fréchet distance of the frame crops."""
+
+    def score(videos: torch.Tensor) -> dict[str, Any]:
+        from ..embedded.video import score_videos
+
+        s = score_videos(videos, digits, directions)
+        frechet = s["frechet"] if len(videos) * videos.shape[1] >= 2 else None
+        return {"accuracy": s["digit_accuracy"], "per_class": s["digit_per_class"], "frechet": frechet,
+                "motion_accuracy": s["motion_accuracy"], "clip_accuracy": s["clip_digit_accuracy"]}
+
+    return score
+
+
 def run_bench(
     pipe: Any,
     variants: Sequence[Variant],
@@ -87,18 +168,24 @@ def run_bench(
     repeats: int = 3,
     progress: bool = True,
     on_progress: Callable[[float, str], None] | None = None,
+    score: Score | None = None,
 ) -> list[BenchRow]:
     """Measure every variant against the first one (the baseline), interleaved A B C A B C ... ``repeats`` times.
 
-    ``generate(pipe, seed)`` produces one batch of images; ``targets`` (the prompted digit of each image in a
-    batch) turns on the digit-accuracy and Fréchet metrics of the embedded model.
+    ``generate(pipe, seed)`` produces one batch of images (B, 3, H, W) or clips (B, T, 3, H, W); PSNR is per
+    image (per clip, over all its frames) and SSIM per image (per frame) against the baseline. ``targets`` (the
+    prompted digit of each image in a batch) turns on the embedded model's digit accuracy and Fréchet
+    distance; ``score`` (e.g. :func:`video_scorer`) replaces them with any task metrics of all outputs.
     """
+    if score is None and targets is not None:
+        score = digit_scorer(list(targets) * len(seeds))
     if not variants or variants[0].family != "baseline":
         raise ValueError("the first variant must be the baseline")
     rows = [BenchRow(v.name, v.family, v.settings, error=v.unavailable) for v in variants]
     runnable = [i for i, v in enumerate(variants) if v.unavailable is None]
     images: dict[int, torch.Tensor] = {}
     forwards: dict[int, float] = {}
+    tokens: dict[int, float] = {}
     counter = ForwardCounter(_denoiser(pipe))
     total = repeats * len(runnable) * len(seeds)
     bar = tqdm(total=total, desc="hasten bench", disable=not progress)
@@ -123,6 +210,7 @@ def run_bench(
                     if rep == 0:
                         row.weight_ratio = weight_memory(_denoiser(pipe)).ratio
                     counter.take()
+                    counter.take_tokens()
                     outs, elapsed = [], 0.0
                     for seed in seeds:
                         t0 = time.perf_counter()
@@ -133,10 +221,12 @@ def run_bench(
                         if on_progress is not None:
                             on_progress(done / total, f"{v.name} (repeat {rep + 1}/{repeats})")
                     row.times.append(elapsed)
-                    fwd = counter.take()
+                    fwd, tok = counter.take(), counter.take_tokens()
                     if rep == 0:
                         images[i] = torch.cat(outs)
                         forwards[i] = fwd / images[i].shape[0]
+                        tokens[i] = tok / images[i].shape[0]
+                        row.key_blocks_kept, row.summary = _feature_figures(pipe)
                 except Exception as exc:  # noqa: BLE001 - report, keep going with the other variants
                     row.error = f"{type(exc).__name__}: {exc}"
                 finally:
@@ -149,7 +239,6 @@ def run_bench(
         counter.remove()
     base_i = runnable[0]
     base_time = statistics.median(rows[base_i].times) if rows[base_i].times else None
-    all_targets = list(targets) * len(seeds) if targets is not None else None
     for i in runnable:
         row = rows[i]
         if row.error or i not in images:
@@ -157,14 +246,13 @@ def run_bench(
         row.median_s = statistics.median(row.times)
         row.speedup = base_time / row.median_s if base_time and row.median_s else None
         row.forwards_per_image = forwards[i]
+        row.work = tokens[i] / tokens[base_i] if tokens.get(base_i) else None
         if i != base_i and base_i in images:
-            row.psnr = metrics.psnr(images[i], images[base_i])
-            row.ssim = metrics.ssim(images[i], images[base_i])
-        if all_targets is not None:
-            acc = metrics.digit_accuracy(images[i], all_targets)
-            row.accuracy, row.per_class = acc["accuracy"], acc["per_class"]
-            # a Fréchet distance needs >= 2 images (a covariance): left empty for one-image benches
-            row.frechet = metrics.frechet_distance(images[i]) if len(images[i]) >= 2 else None
+            row.psnr = metrics.psnr(_as_images(images[i]), _as_images(images[base_i]))
+            row.ssim = metrics.ssim(_as_frames(images[i]), _as_frames(images[base_i]))
+        if score is not None:
+            for key, value in score(images[i]).items():
+                setattr(row, key, value)
     return rows
 
 

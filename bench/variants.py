@@ -219,7 +219,7 @@ def cache_dit_dbcache(rdt: float) -> Variant:
     return Variant(name, "cache-dit", apply, remove, {"residual_diff_threshold": rdt, "Fn": 1, "Bn": 0})
 
 
-EASYCACHE_SWEEP = (0.05, 0.1, 0.2, 0.3, 0.5)
+EASYCACHE_SWEEP = (0.05, 0.1, 0.15, 0.2, 0.3)  # forecast "linear" (the default) saturates at 0.3
 
 
 def preset(name: str, steps: int) -> list[Variant]:
@@ -236,20 +236,159 @@ def preset(name: str, steps: int) -> list[Variant]:
             adaptive_guidance(0.991), adaptive_guidance(0.993), adaptive_guidance(0.996), cfg_truncation(0.5),
             bottleneck(0.5),
             sparse_attention(0.95),
+            sada(1),
+            delta_dit(2), profiling_dit(0.3, 2),
             quantized("int8"), quantized("int4", group_size=64), quantized("w8a8"),
             combo("hasten-easycache+ag", hasten_easycache(0.2), adaptive_guidance(0.993)),
-            combo("hasten-cachequant-int8", quantized("int8"), hasten_easycache(0.2)),
+            combo("hasten-int8+easycache-stacked", quantized("int8"), hasten_easycache(0.2)),
+            cachequant("int8", max(1, round(steps * 0.4)), steps),  # ~EasyCache@0.2's forwards
             combo("hasten-easycache+ag+bottleneck", hasten_easycache(0.2), adaptive_guidance(0.993), bottleneck(0.5)),
         ]
     if name in ("peers", "default"):
         return [
             baseline(),
             *sweep,
+            *[easycache_forecast(t) for t in (0.1, 0.2)], easycache_forecast(0.1, "none", 0.2), sada(1), sada(2),
+            delta_dit(2, 1), delta_dit(2), delta_dit(3), profiling_dit(0.3, 1), profiling_dit(0.3, 2), profiling_dit(0.5, 3),
             diffusers_fbc(0.05), diffusers_fbc(0.1), diffusers_fbc(0.2),
             diffusers_taylorseer(2), diffusers_taylorseer(3),
             diffusers_magcache(0.06, steps), diffusers_magcache(0.12, steps), diffusers_magcache(0.24, steps),
             cache_dit_dbcache(0.08), cache_dit_dbcache(0.16), cache_dit_dbcache(0.3),
         ]
+    if name == "video":
+        return video_preset(steps)
     from .cli import PRESETS
 
     raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+
+
+
+def cachequant(method: str, num_computed_steps: int, steps: int, correction: bool = True) -> Variant:
+    """CacheQuant (quantization + the DP cache schedule chosen for it, with decoupled error correction),
+    calibrated once on the 10 digit prompts at seed 7 (not a bench seed), outside the timed loop."""
+    cal: list[Any] = []
+
+    def prepare(pipe: Pipe, generate: Callable[[], Any]) -> None:
+        if not cal:
+            from ..embedded import digit_prompts
+            from ..pipelines.cachequant import calibrate_cachequant
+
+            cal.append(calibrate_cachequant(pipe, method=method, calibration_prompts=tuple(digit_prompts(range(10))),
+                                            calibration_seeds=(7,), num_inference_steps=steps))
+
+    def apply(pipe: Pipe) -> None:
+        prepare(pipe, lambda: None)
+        pipe.enable_cachequant(method=method, num_computed_steps=num_computed_steps, correction=correction,
+                               calibration=cal[0])
+
+    name = f"hasten-cachequant-{method}@{num_computed_steps}" + ("" if correction else "-nocorr")
+    return Variant(name, "hasten", apply, lambda p: p.disable_cachequant(),
+                   {"method": method, "num_computed_steps": num_computed_steps, "correction": correction},
+                   prepare=prepare)
+
+
+# ------------------------------------------------------------------- the embedded video model (issue 12)
+def easycache_grid(threshold: float, warmup: float = 0.2, max_consecutive_reuse: int = 4) -> Variant:
+    """EasyCache with its warm-up and reuse cap in the name (``hasten-easycache@0.3-w0.1-r6``): at 20 steps
+    the defaults (warm-up 0.2, at most 4 reuses in a row) cap the forward saving at 2.5x."""
+    label = f"{threshold:g}" + ("" if (warmup, max_consecutive_reuse) == (0.2, 4)
+                                 else f"-w{warmup:g}-r{max_consecutive_reuse}")
+    v = hasten_easycache(threshold, warmup=warmup, max_consecutive_reuse=max_consecutive_reuse)
+    v.name = f"hasten-easycache@{label}"
+    return v
+
+
+def bottleneck_grid(boundaries: tuple[float, float], scale: float = 0.5) -> Variant:
+    """Bottleneck sampling full -> ``scale`` -> full with the low stage between ``boundaries`` (named by them)."""
+    v = bottleneck(scale, boundaries)
+    v.name = f"hasten-bottleneck@{scale:g}-{boundaries[0]:g}-{boundaries[1]:g}"
+    return v
+
+
+def sparse_grid(mass: float, block_size: int = 64, warmup_steps: int = 5) -> Variant:
+    """Sparse attention with its key-block size in the name (``hasten-sparse@0.9-b16``)."""
+    return hasten_feature(f"hasten-sparse@{mass:g}-b{block_size}", "sparse_attention", target_mass=mass,
+                          block_size=block_size, warmup_steps=warmup_steps)
+
+
+def video_preset(steps: int, kind: str = "video") -> list[Variant]:
+    """Variant lists for the embedded video model (``hasten bench --model video --preset KIND``).
+
+    ``video`` (the default): one or two settings per hasten family aimed at the issue-12 targets, the
+    compositions up to the whole stack, and the peers, sized to finish in about 20 min on 2 CPU cores;
+    ``families``: the wider grid of every hasten family and composition; ``peers``: the EasyCache settings and
+    every peer's sweep; ``easycache``: EasyCache only; ``quick``: a smoke run.
+    """
+    warm = max(1, round(steps / 4))  # sparse attention's dense warm-up: 5 of 20 steps (its default)
+    w8a8 = quantized("w8a8")  # one calibration, shared by the row and the stack
+
+    def stack() -> Variant:
+        return combo("hasten-stack", easycache_grid(0.3, 0.1, 6), adaptive_guidance(0.998),
+                     bottleneck_grid((0.1, 0.8)), sparse_grid(0.9, 16, warm), w8a8)
+
+    easycache = [easycache_grid(0.2), easycache_grid(0.3, 0.1, 6), easycache_grid(0.5, 0.1, 8)]
+    if kind == "quick":
+        return [baseline(), easycache_grid(0.3, 0.1, 6), diffusers_fbc(0.1)]
+    if kind == "easycache":
+        return [baseline(), easycache_grid(0.1), easycache_grid(0.3), *easycache, easycache_grid(0.5, 0.05, 12)]
+    others = [easycache_forecast(0.3), sada(1), delta_dit(2), profiling_dit(0.3, 2)]  # this session's families
+    if kind == "peers":
+        return [baseline(), *easycache, *others,
+                diffusers_fbc(0.05), diffusers_fbc(0.1), diffusers_fbc(0.2),
+                diffusers_taylorseer(2), diffusers_taylorseer(3),
+                diffusers_magcache(0.06, steps), diffusers_magcache(0.12, steps), diffusers_magcache(0.24, steps),
+                cache_dit_dbcache(0.08), cache_dit_dbcache(0.16), cache_dit_dbcache(0.3)]
+    if kind == "families":
+        return [
+            baseline(), easycache_grid(0.1), *easycache,
+            adaptive_guidance(0.993), adaptive_guidance(0.996), adaptive_guidance(0.998), cfg_truncation(0.5),
+            bottleneck_grid((0.2, 0.7)), bottleneck_grid((0.1, 0.8)), bottleneck_grid((0.1, 0.9)),
+            bottleneck_grid((0.1, 0.8), 0.75),
+            sparse_grid(0.9, 16, warm), sparse_grid(0.8, 16, warm), sparse_grid(0.7, 16, warm),
+            sparse_grid(0.8, 32, warm), sparse_grid(0.8, 64, warm),
+            quantized("int8"), quantized("int4", group_size=64), w8a8, *others,
+            combo("hasten-easycache+ag", easycache_grid(0.3, 0.1, 6), adaptive_guidance(0.998)),
+            combo("hasten-easycache+ag+bottleneck", easycache_grid(0.3, 0.1, 6), adaptive_guidance(0.998),
+                  bottleneck_grid((0.1, 0.8))),
+            stack(),
+        ]
+    if kind == "video":
+        return [
+            baseline(), easycache_grid(0.3, 0.1, 6), easycache_grid(0.5, 0.1, 8),
+            adaptive_guidance(0.998), bottleneck_grid((0.1, 0.8)), sparse_grid(0.7, 16, warm), w8a8,
+            combo("hasten-easycache+ag+bottleneck", easycache_grid(0.3, 0.1, 6), adaptive_guidance(0.998),
+                  bottleneck_grid((0.1, 0.8))),
+            stack(),
+            diffusers_fbc(0.1), diffusers_taylorseer(2), diffusers_magcache(0.12, steps), cache_dit_dbcache(0.16),
+        ]
+    raise ValueError(f"unknown video preset {kind!r}; choose one of: video, families, peers, easycache, quick")
+
+
+# ------------------------------------------------------------------- forecasting EasyCache and SADA (issue 13)
+def easycache_forecast(threshold: float, forecast: str = "linear", warmup: float = 0.1) -> Variant:
+    """EasyCache with its forecast order and warm-up in the name (``hasten-easycache-linear@0.1-w0.1``)."""
+    v = hasten_easycache(threshold, forecast=forecast, warmup=warmup)
+    v.name = f"hasten-easycache-{forecast}@{threshold:g}-w{warmup:g}"
+    return v
+
+
+def sada(max_interval: int = 1, threshold: float = 0.0, order: int = 1) -> Variant:
+    """SADA step skipping (stability criterion from the trajectory's second-order difference)."""
+    label = f"{max_interval}" + ("" if (threshold, order) == (0.0, 1) else f"-t{threshold:g}-o{order}")
+    return hasten_feature(f"hasten-sada@{label}", "sada", max_interval=max_interval, threshold=threshold, order=order)
+
+
+# ------------------------------------------------------------------- block caches: Δ-DiT, ProfilingDiT (issue 13)
+def delta_dit(interval: int = 2, num_cached_blocks: int | None = None) -> Variant:
+    """Δ-DiT (rear blocks early, front blocks late, span recomputed every ``interval`` steps), named
+    ``hasten-delta-dit@2`` (``-n1``: a span of one block instead of half the model's blocks)."""
+    label = f"{interval}" + ("" if num_cached_blocks is None else f"-n{num_cached_blocks}")
+    return hasten_feature(f"hasten-delta-dit@{label}", "delta_dit", interval=interval,
+                          num_cached_blocks=num_cached_blocks)
+
+
+def profiling_dit(threshold: float, max_reuse: int = 2) -> Variant:
+    """ProfilingDiT (blocks whose profiled residual change is below ``threshold`` reused up to ``max_reuse``
+    steps in a row), named ``hasten-profiling-dit@0.3-r2``."""
+    return hasten_feature(f"hasten-profiling-dit@{threshold:g}-r{max_reuse}", "profiling_dit", threshold=threshold,
+                          max_reuse=max_reuse)

@@ -146,3 +146,34 @@ def run_cached(
 def mean_abs(t: torch.Tensor) -> float:
     """Mean absolute value in float32 (the change metric EasyCache and its peers use)."""
     return t.detach().float().abs().mean().item()
+
+
+class BranchRuns:
+    """The run lifecycle shared by per-branch step caches: branch state, batch-item membership and slots
+    reset per run; :meth:`end_run` keeps the run's statistics in :attr:`last_run`."""
+
+    method = "cache"
+
+    def __init__(self) -> None:
+        self._branches: dict = {}
+        self._members: dict[Hashable, list[BranchKey]] = {}  # batch item -> its branches
+        self._slots: dict[Hashable, tuple[int, bool, set]] = {}  # batch item -> (step, decision, asked)
+        self._num_steps: int | None = None
+        self.last_run: RunStats | None = None
+
+    def begin_run(self, num_steps: int | None) -> None:
+        """Forget all branch state; a new sampling run of ``num_steps`` steps starts."""
+        self._branches, self._members, self._slots = {}, {}, {}
+        self._num_steps = num_steps
+
+    def end_run(self) -> RunStats:
+        """Close the run: keep its statistics in :attr:`last_run` and drop cached tensors."""
+        stats = self.current_stats()
+        if stats.calls:
+            self.last_run = stats
+        self._branches, self._members, self._slots = {}, {}, {}
+        return stats
+
+    def current_stats(self) -> RunStats:
+        return RunStats(method=self.method, num_steps=self._num_steps,
+                        branches={b.stats.label: b.stats for b in self._branches.values()})

@@ -8,6 +8,10 @@ Per branch, at each call t with input x_t:
   to an accumulator E; while E < threshold, return x_t + Δ instead of running the model;
   once it crosses, compute for real and reset E to 0.
 
+With ``forecast`` (TaylorSeer/FoCa-style forecasting reuse) a skipped call does not reuse the last Δ as a
+constant: Δ is extrapolated in step index from the last 2 (``"linear"``) or 3 (``"quadratic"``) computed
+ones, Δ̂(t) = Σ_i Δ(s_i) Π_{j≠i} (t − s_j)/(s_i − s_j) (the Lagrange polynomial through them).
+
 Warm-up steps and the final step(s) are always computed, and a cap bounds consecutive reuses. If the
 output does not have the input's shape (e.g. PixArt's learned-sigma channels) the cached output is
 reused as is. No cached state is shared between branches: conditional/unconditional passes and batch
@@ -25,8 +29,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..validation import check_bool, check_float, check_int
-from .base import BranchKey, BranchStats, RunStats, mean_abs
+from ..validation import check_bool, check_choice, check_float, check_int
+from .base import BranchKey, BranchRuns, BranchStats, mean_abs
+
+FORECASTS = ("none", "linear", "quadratic")
+_ORDER = {"none": 0, "linear": 1, "quadratic": 2}
+
+
+def lagrange_extrapolate(points: list[tuple[float, torch.Tensor]], t: float) -> torch.Tensor:
+    """Value at ``t`` of the polynomial through ``points`` ((position, tensor) pairs, distinct positions),
+    computed in float32: P(t) = Σ_i y_i Π_{j≠i} (t − t_j)/(t_i − t_j)."""
+    out = torch.zeros_like(points[0][1], dtype=torch.float32)
+    for i, (ti, yi) in enumerate(points):
+        w = 1.0
+        for j, (tj, _) in enumerate(points):
+            if j != i:
+                w *= (t - tj) / (ti - tj)
+        out += w * yi.float()
+    return out
 
 
 @dataclass
@@ -41,6 +61,10 @@ class EasyCacheConfig:
         final_steps: the last ``final_steps`` steps are always computed.
         max_consecutive_reuse: at most this many reuses in a row per branch (0 = no cap).
         sync_branches: the cond/uncond branches of one batch item compute or reuse together.
+        forecast: how a skipped call estimates Δ: ``"none"`` (the last computed Δ, as the paper),
+            ``"linear"`` or ``"quadratic"`` (extrapolated from the last 2 / 3 computed Δ in step index).
+            Default ``"linear"``: on the embedded model it is 5-6 dB closer to the baseline than ``"none"``
+            at the same forwards (threshold 0.1: 44.8 vs 39.1 dB at 20.8 of 40 forwards per image).
     """
 
     threshold: float = 0.2
@@ -49,6 +73,7 @@ class EasyCacheConfig:
     final_steps: int = 1
     max_consecutive_reuse: int = 4
     sync_branches: bool = True
+    forecast: str = "linear"
 
     def __post_init__(self) -> None:
         own = "EasyCacheConfig"
@@ -60,6 +85,7 @@ class EasyCacheConfig:
         self.final_steps = check_int(own, "final_steps", self.final_steps, lo=0)
         self.max_consecutive_reuse = check_int(own, "max_consecutive_reuse", self.max_consecutive_reuse, lo=0)
         self.sync_branches = check_bool(own, "sync_branches", self.sync_branches)
+        self.forecast = check_choice(own, "forecast", self.forecast, FORECASTS)
 
 
 @dataclass
@@ -75,47 +101,29 @@ class _Branch:
     accum: float = 0.0
     consecutive: int = 0
     history: list[float] = field(default_factory=list)  # accumulator after each call (for plots)
+    step: int = 0  # step index of the current call
+    past: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, Δ) of recent computed calls
+
+    def forget(self) -> None:
+        """Drop cached tensors (statistics stay)."""
+        self.prev_x = self.last_x = self.last_out = self.delta = None
+        self.rate, self.accum, self.consecutive = None, 0.0, 0
+        self.past = []
 
 
-class EasyCache:
+class EasyCache(BranchRuns):
     """The EasyCache decision policy (implements :class:`hasten.caches.base.StepCache`)."""
 
     method = "EasyCache"
 
     def __init__(self, config: EasyCacheConfig | None = None) -> None:
+        super().__init__()
         self.config = config or EasyCacheConfig()
-        self._branches: dict[BranchKey, _Branch] = {}
-        self._members: dict[Hashable, list[BranchKey]] = {}  # batch item -> its branches
-        self._slots: dict[Hashable, tuple[int, bool, set]] = {}  # batch item -> (step, decision, asked)
-        self._num_steps: int | None = None
-        self.last_run: RunStats | None = None
-
-    # -- run lifecycle -------------------------------------------------------------------------
-    def begin_run(self, num_steps: int | None) -> None:
-        """Forget all branch state; a new sampling run of ``num_steps`` steps starts."""
-        self._branches, self._members, self._slots = {}, {}, {}
-        self._num_steps = num_steps
-
-    def end_run(self) -> RunStats:
-        """Close the run: keep its statistics in :attr:`last_run` and drop cached tensors."""
-        stats = self.current_stats()
-        if stats.calls:
-            self.last_run = stats
-        self._branches, self._members, self._slots = {}, {}, {}
-        return stats
-
-    def current_stats(self) -> RunStats:
-        return RunStats(
-            method=self.method,
-            num_steps=self._num_steps,
-            branches={b.stats.label: b.stats for b in self._branches.values()},
-        )
 
     def invalidate(self) -> None:
         """Drop cached tensors but keep statistics (e.g. the resolution changed mid-run)."""
         for b in self._branches.values():
-            b.prev_x = b.last_x = b.last_out = b.delta = None
-            b.rate, b.accum, b.consecutive = None, 0.0, 0
+            b.forget()
 
     # -- decisions -----------------------------------------------------------------------------
     def _forced(self, step: int, num_steps: int | None) -> bool:
@@ -151,13 +159,13 @@ class EasyCache:
             b = self._branches[key] = _Branch(stats=BranchStats(label=label or str(key)))
         elif b.prev_x is not None and (b.prev_x.shape != x.shape or b.prev_x.dtype != x.dtype
                                        or b.prev_x.device != x.device):
-            b.prev_x = b.last_x = b.last_out = b.delta = None  # new shape: old cache is meaningless
-            b.rate, b.accum, b.consecutive = None, 0.0, 0
+            b.forget()  # new shape: old cache is meaningless
         compute, accum = self._wants_compute(b, x, step, num_steps)
         if group is not None and self.config.sync_branches:
             compute = self._group_decision(group, key, x, step, num_steps, compute)
         b.accum = 0.0 if compute else accum
         b.history.append(b.accum)
+        b.step = step
         b.stats.decisions.append(compute)
         b.prev_x = x.detach()
         return compute
@@ -178,11 +186,17 @@ class EasyCache:
         return slot[1] or own
 
     def reuse(self, key: BranchKey, x: torch.Tensor) -> torch.Tensor:
-        """Estimate the output for a skipped call: x + Δ (or the cached output if shapes differ)."""
+        """Estimate the output for a skipped call: x + Δ (Δ forecast from the recent computed ones if
+        ``forecast`` asks for it), or the cached output if shapes differ."""
         b = self._branches[key]
         assert b.delta is not None
         b.consecutive += 1
-        return x + b.delta.to(x.dtype) if b.residual else b.delta.clone()
+        if not b.residual:
+            return b.delta.clone()
+        order = min(_ORDER[self.config.forecast], len(b.past) - 1)
+        if order <= 0:
+            return x + b.delta.to(x.dtype)
+        return (x.float() + lagrange_extrapolate(b.past[-order - 1 :], float(b.step))).to(x.dtype)
 
     def remember(self, key: BranchKey, x: torch.Tensor, out: torch.Tensor) -> None:
         """Store a computed output and update the transformation rate k."""
@@ -198,3 +212,9 @@ class EasyCache:
         b.residual = out.shape == x.shape
         b.delta = (out - x) if b.residual else b.last_out
         b.consecutive = 0
+        if b.residual and _ORDER[self.config.forecast]:
+            if b.past and b.past[-1][0] > b.step:  # the step index went back (a new pass): restart
+                b.past = []
+            if b.past and b.past[-1][0] == b.step:  # a 2nd-order sampler's second call: the newer one counts
+                b.past.pop()
+            b.past = [*b.past[-_ORDER[self.config.forecast] :], (b.step, b.delta.float())]

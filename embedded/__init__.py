@@ -7,6 +7,7 @@ unconditional branch. Reproduce the weights with ``hasten train-embedded``.
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +60,17 @@ def embedded_pipeline_class() -> type:
             for key, value in self.call_defaults.items():
                 if kwargs.get(key) is None:
                     kwargs[key] = value
+            if self.vae_scale_factor_temporal == 1 and kwargs.get("num_frames"):
+                # A frame-wise VAE (the video model): WanPipeline turns any num_frames N into N + 1 (it wants
+                # N % factor == 1, impossible for factor 1), so ask for N - 1 to get the N frames requested.
+                kwargs["num_frames"] = int(kwargs["num_frames"]) - 1
+                wan_log = logging.getLogger("diffusers.pipelines.wan.pipeline_wan")
+                level = wan_log.level
+                wan_log.setLevel(logging.ERROR)
+                try:
+                    return super().__call__(*args, **kwargs)
+                finally:
+                    wan_log.setLevel(level)
             return super().__call__(*args, **kwargs)
 
     # Named as the diffusers class it is: tools that dispatch on the class name (peers such as cache-dit)

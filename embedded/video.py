@@ -1,8 +1,8 @@
 """The embedded text-to-video model: a tiny diffusers ``WanPipeline`` shipped in ``weights_video/``.
 
-Prompts ``"digit N moving DIRECTION"`` (N = 0..9, DIRECTION in left/right/up/down) generate a 9-frame clip
-of that handwritten digit sliding across a black canvas, at 64x64 (1280 transformer tokens: 5 latent frames
-x 16 x 16) or at the half size 32x32 (320 tokens) it was also trained at. Reproduce the weights with
+Prompts ``"digit N moving DIRECTION"`` (N = 0..9, DIRECTION in left/right/up/down) generate a 17-frame clip
+of that handwritten digit sliding across a black canvas, at 32x32 (1088 transformer tokens: 17 latent frames
+x 8 x 8; the VAE is frame-wise) or at the half size 16x16 (272 tokens) it was also trained at. Reproduce the weights with
 ``hasten train-embedded --video``; score them with :func:`evaluate_video`.
 """
 
@@ -59,7 +59,7 @@ def load_video_embedded(device: str | torch.device = "cpu", dtype: torch.dtype |
     """Load the embedded video model as a ``diffusers.WanPipeline`` from the repo, never touching the network.
 
     ``pipe(prompt="digit 3 moving left")`` alone works: unset call arguments default to the trained settings
-    (64x64, 9 frames, ``VIDEO_DEFAULT_STEPS`` steps, CFG ``VIDEO_DEFAULT_GUIDANCE``, empty negative prompt).
+    (32x32, 17 frames, ``VIDEO_DEFAULT_STEPS`` steps, CFG ``VIDEO_DEFAULT_GUIDANCE``, empty negative prompt).
     """
     from . import load_pipeline
 

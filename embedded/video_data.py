@@ -1,6 +1,6 @@
 """Moving digits for the embedded video model: scikit-learn's 8x8 digits sliding across a black canvas.
 
-A clip is ``NUM_FRAMES`` frames; the digit (about half the canvas wide, +-10% scale) travels
+A clip is ``NUM_FRAMES`` frames; the digit (about 60% of the canvas wide, +-10% scale) travels
 ``TRAVEL`` of the canvas in the prompted direction ("digit 3 moving left"). Clips are rendered at the top
 resolution and area-downsampled for the half resolution, so both resolutions show the same motion (the
 low-resolution prior that bottleneck sampling relies on). Shared by training and evaluation.
@@ -13,15 +13,15 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-NUM_FRAMES = 9
-FULL_SIZE = 64
-HALF_SIZE = 32
+NUM_FRAMES = 17
+FULL_SIZE = 32
+HALF_SIZE = 16
 DIRECTIONS = ("left", "right", "up", "down")
 # unit motion (dx, dy) in image coordinates (y grows downwards)
 DIRECTION_VECTORS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
-DIGIT_FRACTION = 0.5  # digit box side / canvas side
-TRAVEL = 0.375  # centre displacement first -> last frame, as a fraction of the canvas side
-JITTER = 0.06  # random offset of the path (fraction of the canvas), both axes
+DIGIT_FRACTION = 0.6  # digit box side / canvas side
+TRAVEL = 0.3125  # centre displacement first -> last frame, as a fraction of the canvas side (10 px at 32)
+JITTER = 0.03  # random offset of the path (fraction of the canvas), both axes
 SCALE = 0.1
 
 

@@ -19,7 +19,7 @@ log = logging.getLogger("hasten")
 
 # Node modules in the order their nodes appear in ComfyUI's node library.
 NODE_MODULES: tuple[str, ...] = (
-    "easycache", "guidance", "sparse_attention", "quantize", "bottleneck", "stats", "embedded",
+    "easycache", "blockcache", "guidance", "sparse_attention", "quantize", "cachequant", "sada", "preset", "bottleneck", "stats", "embedded",
 )
 
 FAILED: dict[str, str] = {}  # module name -> why it could not be imported (filled by node_list)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..caches import EasyCache, EasyCacheConfig, RunStats, run_cached
+from ..caches.easycache import FORECASTS
 from .runs import ROWS_KEY, batch_rows, last_run_stats, num_steps_of, rewrap, scoped_run, step_index
 from .schema import CATEGORY, advanced, io
 
@@ -253,6 +254,11 @@ class HastenEasyCache(io.ComfyNode):
                                        "forms there)."),
                 io.Float.Input("end_percent", default=_DEFAULTS.end, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the steps after which every step is computed again."),
+                io.Combo.Input("forecast", options=list(FORECASTS), default=_DEFAULTS.forecast,
+                               tooltip="How a skipped step's transformation is estimated: 'none' reuses the last "
+                                       "one, 'linear'/'quadratic' extrapolate it from the last 2/3 computed steps "
+                                       "(TaylorSeer/FoCa-style forecasting; more faithful at equal speed).",
+                               optional=True, **advanced()),
                 io.Int.Input("max_consecutive_reuse", default=_DEFAULTS.max_consecutive_reuse, min=0,
                              max=100, tooltip="Cap on reused steps in a row per branch (0 = no cap).",
                              **advanced()),
@@ -266,9 +272,9 @@ class HastenEasyCache(io.ComfyNode):
     @classmethod
     def execute(cls, model: Any, reuse_threshold: float, start_percent: float = _DEFAULTS.warmup,
                 end_percent: float = _DEFAULTS.end, max_consecutive_reuse: int = _DEFAULTS.max_consecutive_reuse,
-                verbose: bool = False) -> io.NodeOutput:
+                verbose: bool = False, forecast: str = _DEFAULTS.forecast) -> io.NodeOutput:
         config = EasyCacheConfig(threshold=reuse_threshold, warmup=start_percent, end=end_percent,
-                                 max_consecutive_reuse=max_consecutive_reuse)
+                                 max_consecutive_reuse=max_consecutive_reuse, forecast=forecast)
         return io.NodeOutput(patch_model(model, config, verbose))
 
 

@@ -15,9 +15,13 @@ Layers carrying weight patches (LoRA) are left in float. Zero quantized layers i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
+
+import torch
 
 from ..quant import (
     CalibrationData,
@@ -70,6 +74,40 @@ def _originals(m: Any, dm: Any) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def _unpatched_weights(m: Any, dm: Any) -> Iterator[None]:
+    """Quantize original weights, never another clone's lazily left weight patches: ComfyUI unpatches
+    lazily, so after a LoRA'd clone of this model sampled, the shared module still holds its LoRA'd weights
+    (originals in the clones' shared ``backup``). They are swapped out for the duration of planning."""
+    swapped = []
+    for key, bk in list((getattr(m, "backup", None) or {}).items()):
+        if key.startswith(PREFIX):
+            owner, _, attr = key[len(PREFIX):].rpartition(".")
+            t = getattr(dm.get_submodule(owner), attr, None)
+            if torch.is_tensor(t) and t.shape == bk.weight.shape:
+                swapped.append((t, t.data))
+                t.data = bk.weight.to(t.device, t.dtype)
+    try:
+        yield
+    finally:
+        for t, data in swapped:
+            t.data = data
+
+
+def _refuse_later_weight_patches(executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """OUTER_SAMPLE: a LoRA loaded AFTER this node would patch quantized layers, which ignore float weight
+    patches (a silent no-op): refuse, naming the order that works."""
+    patcher = executor.class_obj.model_patcher
+    rep = report(patcher)
+    late = sorted({k[len(PREFIX):].rpartition(".")[0] for k in getattr(patcher, "patches", {})
+                   if k.startswith(PREFIX)} & set(rep.quantized if rep is not None else ()))
+    if late:
+        fail(NAME, f"{len(late)} quantized layers (e.g. {late[0]!r}) got weight patches (a LoRA loaded after this "
+                   "node), which quantized layers cannot apply; load LoRAs BEFORE Quantize Model (hasten) (their "
+                   "layers are then kept in float)")
+    return executor(*args, **kwargs)
+
+
 def patch_model(model: Any, config: QuantConfig, calibration: CalibrationData | None = None) -> Any:
     """A clone of ``model`` whose diffusion model's selected linears are quantized (as object patches)."""
     inner = getattr(model, "model", None)
@@ -85,7 +123,8 @@ def patch_model(model: Any, config: QuantConfig, calibration: CalibrationData | 
     originals = _originals(m, dm)
     patched = {k[len(PREFIX):].rpartition(".")[0] for k in getattr(m, "patches", {}) if k.startswith(PREFIX)}
     skip = {n: "has weight patches (e.g. a LoRA): left in float" for n in patched}
-    plan, rep = plan_quantization(dm, config, calibration, originals=originals, skip=skip)
+    with _unpatched_weights(m, dm):
+        plan, rep = plan_quantization(dm, config, calibration, originals=originals, skip=skip)
     try:
         check_not_empty(rep, NAME)
     except ValueError as exc:
@@ -93,6 +132,10 @@ def patch_model(model: Any, config: QuantConfig, calibration: CalibrationData | 
     for name, ql in plan.items():
         m.add_object_patch(PREFIX + name, ql)
     m.model_options.setdefault("transformer_options", {})[HOLDER_KEY] = rep
+    import comfy.patcher_extension as pe
+
+    m.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, HOLDER_KEY)
+    m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, HOLDER_KEY, _refuse_later_weight_patches)
     return m
 
 

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+from .blockcache import disable_delta_dit, disable_profiling_dit, enable_delta_dit, enable_profiling_dit
 from .bottleneck import disable_bottleneck_sampling, enable_bottleneck_sampling
+from .cachequant import calibrate_cachequant, disable_cachequant, enable_cachequant
 from .easycache import disable_easycache, enable_easycache
 from .guidance import disable_adaptive_guidance, enable_adaptive_guidance
 from .quantize import dequantize_pipeline, quantize_pipeline
 from .registry import features, stats, summary
+from .sada import disable_sada, enable_sada
 from .sparse_attention import disable_sparse_attention, enable_sparse_attention
 
 __all__ = [
+    "calibrate_cachequant",
+    "disable_cachequant",
+    "disable_sada",
+    "enable_sada",
+    "enable_cachequant",
+    "disable_delta_dit",
+    "disable_profiling_dit",
+    "enable_delta_dit",
+    "enable_profiling_dit",
     "disable_adaptive_guidance",
     "disable_bottleneck_sampling",
     "enable_adaptive_guidance",

@@ -30,10 +30,10 @@ import torch
 from ..errors import UnsupportedModelError
 
 READY, UNSUPPORTED, ENABLED, ERROR = "ready", "unsupported", "enabled", "error"
-FEATURES = ("easycache", "adaptive_guidance", "sparse_attention", "quantization", "bottleneck")
+FEATURES = ("easycache", "adaptive_guidance", "sparse_attention", "quantization", "bottleneck", "block_cache")
 # registry name of each feature (hasten.stats keys) and its enable/disable pipeline methods
 _REGISTRY = {"easycache": "easycache", "adaptive_guidance": "guidance", "sparse_attention": "sparse_attention",
-             "quantization": "quant", "bottleneck": "bottleneck"}
+             "quantization": "quant", "bottleneck": "bottleneck", "block_cache": "delta_dit"}
 
 
 @dataclass
@@ -181,13 +181,14 @@ def _facts(pipe: Any, denoisers: dict[str, torch.nn.Module]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the features' own validation
 def _trial(pipe: Any, feature: str) -> FeatureCheck:
     """Enable ``feature`` with default settings and disable it again at once; no model call."""
-    from . import bottleneck, easycache, guidance, sparse_attention
+    from . import blockcache, bottleneck, easycache, guidance, sparse_attention
 
     enable, disable = {
         "easycache": (easycache.enable_easycache, easycache.disable_easycache),
         "adaptive_guidance": (guidance.enable_adaptive_guidance, guidance.disable_adaptive_guidance),
         "sparse_attention": (sparse_attention.enable_sparse_attention, sparse_attention.disable_sparse_attention),
         "bottleneck": (bottleneck.enable_bottleneck_sampling, bottleneck.disable_bottleneck_sampling),
+        "block_cache": (blockcache.enable_delta_dit, blockcache.disable_delta_dit),  # Δ-DiT and ProfilingDiT
     }[feature]
     try:
         enable(pipe)

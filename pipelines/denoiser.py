@@ -24,6 +24,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..errors import UnsupportedModelError
+from .compat import compile_below_hooks, restore_compile
 
 DENOISER_ATTRS = ("transformer", "transformer_2", "unet", "prior")
 SUPPORTED_TEXT = (
@@ -267,7 +268,8 @@ def holds(obj: Any, module: torch.nn.Module) -> bool:
     if obj is None:
         return False
     try:
-        return any(getattr(obj, a, None) is module for a in DENOISER_ATTRS)
+        return any(getattr(obj, a, None) is module or getattr(getattr(obj, a, None), "_orig_mod", None) is module
+                   for a in DENOISER_ATTRS)  # _orig_mod: a torch.compile(denoiser) wrapper made after the hooks
     except Exception:  # noqa: BLE001 - an arbitrary object on the stack with an odd __getattr__
         return False
 
@@ -636,7 +638,11 @@ class _Chain:
     def __init__(self, fn_ref: Any) -> None:
         self.fn_ref = fn_ref
 
+    @torch.compiler.disable  # hasten's per-call decisions never run inside a compiled region (pipelines/compat.py)
     def __call__(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and registry._fn_refs and registry._fn_refs[-1] is self.fn_ref:  # outermost hook
+            compile_below_hooks(module)
         args, kwargs = self.fn_ref.pre_forward(module, *args, **kwargs)
         output = self.fn_ref.forward(*args, **kwargs)
         return self.fn_ref.post_forward(module, output)
@@ -679,6 +685,8 @@ def detach(module: torch.nn.Module, name: str) -> bool:
     registry.remove_hook(name, recurse=False)
     for other, h in popped:
         _register(registry, h, other)
+    if not registry.hooks:
+        restore_compile(module)
     if not registry.hooks and not any(hasattr(m, "_diffusers_hook") for n, m in module.named_modules() if n):
         del module._diffusers_hook
     return True

@@ -47,7 +47,12 @@ class EasyCacheHook(DenoiserHook):
             return
         self._reported = True
         where = self.pattern.pipe_name
-        if st.reused or self.cache.config.threshold <= 0:
+        n = self.cache._num_steps
+        if not st.reused and self.cache.config.threshold > 0 and n and n < 8:
+            log.warning("hasten EasyCache on %s did nothing: a %d-step run is too short (warm-up, final steps and the "
+                        "rate estimate leave no step to reuse); few-step models (LCM, distilled) gain nothing from step "
+                        "caching - use >= 8 steps", where, n)
+        elif st.reused or self.cache.config.threshold <= 0:
             log.info("hasten EasyCache on %s: %d/%d branch forwards computed, %d reused (%d branches)", where,
                      st.computed, st.calls, st.reused, len(st.branches))
         else:

@@ -71,7 +71,8 @@ def _home(pipe: Any) -> Any:
 
     if pipe is None or isinstance(pipe, (str, bytes, int, float, bool, dict, list, tuple)):
         raise UnsupportedModelError(f"hasten expects a diffusers pipeline, got {type(pipe).__name__} {pipe!r:.60}")
-    return next(iter(find_denoisers(pipe).values()))
+    home = next(iter(find_denoisers(pipe).values()))
+    return getattr(home, "_orig_mod", home)  # a torch.compile(denoiser) wrapper: the registry stays on the model
 
 
 def features(pipe: Any) -> dict[str, Feature]:

@@ -176,6 +176,7 @@ class SparseAttnProcessor:
         else:
             object.__setattr__(self, name, value)
 
+    @torch.compiler.disable  # per-step search/reuse decisions run eagerly, never recompiling a compiled model
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         route = _route(type(self.inner))
         assert route is not None

@@ -100,4 +100,6 @@ def test_curve_matches_diffusers(target, comfy_base, pipe) -> None:
         d_img, d_n = _diffusers(pipe, threshold)
         assert abs(n - d_n) <= 0.1 * d_n, (threshold, n, d_n, d_n_base)
         p, d_p = metrics.psnr(img, base), metrics.psnr(d_img, d_base)
-        assert abs(p - d_p) < 3.0, (threshold, p, d_p)
+        # not worse than diffusers by 3 dB: with the default linear forecast the node's Euler run is *closer* to
+        # its baseline than diffusers' UniPC run (measured 48.7 vs 44.7 dB at 0.1)
+        assert p > d_p - 3.0, (threshold, p, d_p)

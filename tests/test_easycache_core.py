@@ -45,7 +45,7 @@ def test_reuses_after_warmup_and_computes_last_step():
 
 
 def test_reuse_adds_cached_transformation_to_current_input():
-    cache = EasyCache(EasyCacheConfig(threshold=10.0, warmup=0.0, final_steps=0))
+    cache = EasyCache(EasyCacheConfig(threshold=10.0, warmup=0.0, final_steps=0, forecast="none"))
     cache.begin_run(10)
     x0 = torch.randn(1, 3, 4, 4)
     for s, x in enumerate([x0, x0 * 0.9]):  # two computed steps give the transformation rate

@@ -116,7 +116,9 @@ def test_batch_items_and_branches_do_not_share_state(name):
     pipe.disable_easycache()
     assert not torch.allclose(singles[0], singles[1]), "the two prompts should give different results"
     for i in range(2):
-        torch.testing.assert_close(both[i : i + 1], singles[i], atol=2e-4, rtol=1e-4)
+        # atol 5e-4: the default linear forecast extrapolates Δ (weights up to ~3), amplifying batched-vs-single
+        # float noise (measured 2.2e-4 on sd15); shared state would differ by orders of magnitude more
+        torch.testing.assert_close(both[i : i + 1], singles[i], atol=5e-4, rtol=1e-4)
         for lbl, b in stats_both.branches.items():
             if lbl.endswith(f"[{i}]"):
                 assert b.decisions == decisions[i][lbl.split("[")[0]], f"{lbl} decided differently in a batch"

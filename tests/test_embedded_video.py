@@ -85,7 +85,8 @@ def test_default_call_is_full_size_clip_over_1024_tokens(pipe):
     out = pipe(prompt="digit 3 moving left", num_inference_steps=2, output_type="pt").frames
     assert out.shape == (1, VIDEO_DEFAULT_FRAMES, 3, VIDEO_DEFAULT_SIZE, VIDEO_DEFAULT_SIZE)
     assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
-    assert seen and seen[0] >= 1024 and set(seen) == {seen[0]}  # 5 latent frames x 16 x 16 = 1280
+    assert seen and seen[0] >= 1024 and set(seen) == {seen[0]}
+    assert seen[0] == VIDEO_DEFAULT_FRAMES * (VIDEO_DEFAULT_SIZE // 4) ** 2  # 17 latent frames x 8 x 8 = 1088
     assert len(seen) == 2 * 2  # two steps, CFG batched as two passes (cond + uncond)
 
 
@@ -94,7 +95,7 @@ def test_half_size_is_a_quarter_of_the_tokens(pipe):
     out = generate_videos(pipe, [7], ["up"], steps=2, size=VIDEO_HALF_SIZE)
     assert out.shape == (1, VIDEO_DEFAULT_FRAMES, 3, VIDEO_HALF_SIZE, VIDEO_HALF_SIZE)
     assert torch.isfinite(out).all()
-    assert seen[0] * 4 == 1280
+    assert seen[0] * 4 == VIDEO_DEFAULT_FRAMES * (VIDEO_DEFAULT_SIZE // 4) ** 2
 
 
 def test_scorer_reads_real_clips_and_rejects_wrong_motion():

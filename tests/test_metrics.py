@@ -40,3 +40,22 @@ def test_reads_the_embedded_models_baseline_images():
     acc = metrics.digit_accuracy(images, list(range(10)) * 3)
     print(f"embedded baseline accuracy {acc['accuracy']:.3f}, per class {acc['per_class']}")
     assert acc["accuracy"] >= 0.95, acc
+
+
+@pytest.mark.parametrize("size", [32, 16])
+def test_reads_real_moving_digit_frames(size):
+    """Frames of real rendered moving-digit clips (the video model's training data, ±10% scale, path offsets),
+    cropped as the video scorer crops them, at the top and the half resolution: >= 95% per frame and >= 85%
+    for every digit."""
+    from hasten.embedded.video_data import digit_crops, downsample, load_digit_sprites, render_clips
+
+    sprites, labels = load_digit_sprites()
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, len(sprites), (120,), generator=gen)
+    clips = render_clips(sprites[idx], torch.randint(0, 4, (120,), generator=gen), gen)
+    if size != clips.shape[-1]:
+        clips = downsample(clips, size)
+    crops = digit_crops(clips.reshape(-1, 1, size, size))
+    acc = metrics.digit_accuracy(crops, labels[idx].repeat_interleave(clips.shape[1]))
+    print(f"{size} px frame crops: accuracy {acc['accuracy']:.3f}, per digit {acc['per_class']}")
+    assert acc["accuracy"] >= 0.95 and min(acc["per_class"].values()) >= 0.85, acc

@@ -17,8 +17,10 @@ from typing import Any
 from .compare import (
     DEFAULT_SWEEP,
     EMBEDDED,
+    EMBEDDED_VIDEO,
     GUIDANCE_RANGE,
     MAX_CONFIGS,
+    MODEL_CHOICES,
     SEED_RANGE,
     SIZE_RANGE,
     STEPS_RANGE,
@@ -31,7 +33,9 @@ from .compare import (
     ModelLoadError,
     OutOfMemory,
     digit_classifier,
+    display_clip,
     display_image,
+    filmstrip,
     metrics_table,
     parse_thresholds,
     run_comparison,
@@ -44,15 +48,17 @@ from .panels import Control, configuration, panels
 log = logging.getLogger("hasten.web")
 SLOTS = ("A", "B", "C")[:MAX_CONFIGS]
 INTRO = """## hasten: baseline vs. accelerated, same seed
-Pick a model and what to generate, switch configurations **A-C** on and tick their accelerations, press **Run
-comparison**. Every configuration runs on the baseline's seed; quality is measured against that baseline."""
+Pick a model (the embedded **image** model, the embedded **video** model, or your own) and what to generate,
+switch configurations **A-C** on and tick their accelerations, press **Run comparison**. Every configuration runs
+on the baseline's seed; quality is measured against that baseline."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    p.add_argument("--model", default=EMBEDDED, help="model shown first: 'embedded', a diffusers folder or hub id")
+    p.add_argument("--model", default=EMBEDDED,
+                   help=f"model shown first: '{EMBEDDED}' (image), '{EMBEDDED_VIDEO}', a diffusers folder or hub id")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -138,13 +144,17 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
                 with gr.Row():
                     with gr.Column(scale=4, min_width=420):
                         with gr.Row():
-                            model = gr.Dropdown([EMBEDDED], value=default_model, allow_custom_value=True,
+                            model = gr.Dropdown(list(MODEL_CHOICES), value=default_model, allow_custom_value=True,
                                                 label="model", scale=4, elem_id="model",
-                                                info="'embedded' (the trained digit model), a local diffusers "
-                                                     "pipeline folder, or a hub id already in the local cache")
+                                                info=f"'{EMBEDDED}' (the trained digit image model), "
+                                                     f"'{EMBEDDED_VIDEO}' (the trained moving-digit video model), "
+                                                     "a local diffusers pipeline folder, or a hub id already in "
+                                                     "the local cache")
                             load_btn = gr.Button("Load", scale=1, elem_id="load", size="sm", min_width=80)
                         model_status = gr.Markdown(elem_id="model-status")
                         digit = gr.Radio([str(i) for i in range(10)], value="3", label="digit", elem_id="digit")
+                        direction = gr.Radio(["left", "right", "up", "down"], value="left", label="moving",
+                                             visible=False, elem_id="direction")
                         prompt = gr.Textbox(label="prompt", visible=False, lines=2, elem_id="prompt")
                         negative = gr.Textbox(label="negative prompt", value="", visible=False, elem_id="negative")
                         with gr.Row():
@@ -208,7 +218,8 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
             with gr.Tab("Sweep", id="sweep"):
                 gr.Markdown("EasyCache threshold sweep with the **Compare** tab's model and settings, measured by "
                             "`hasten bench`'s runner (interleaved repeats, median wall time). The embedded model "
-                            "generates all ten digits per run, so digit accuracy here is over a set.")
+                            "generates all ten digits per run, the video model the chosen digit moving each of "
+                            "the four ways, so digit (and motion) accuracy here is over a set.")
                 with gr.Row():
                     thresholds = gr.Textbox(DEFAULT_SWEEP, label="thresholds", elem_id="thresholds", scale=3)
                     repeats = gr.Slider(1, 5, value=1, step=1, label="interleaved repeats", elem_id="repeats")
@@ -220,7 +231,7 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
                 pareto = gr.Plot(label="speed-up vs. PSNR", elem_id="pareto")
                 sweep_table = gr.Code(label="bench table", language=None, elem_id="sweep-table")
 
-        gen_inputs = {model, digit, prompt, negative, seed, steps, guidance, size}
+        gen_inputs = {model, digit, direction, prompt, negative, seed, steps, guidance, size}
         cfg_inputs = {c for _, fams in slots for _, on, comps in fams for c in (on, *comps.values())} | set(slot_on)
 
         def request_of(data: dict) -> tuple[ModelHandle, GenerationRequest]:
@@ -233,6 +244,7 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
                 steps=data[steps], guidance=data[guidance],
                 size=None if handle.size_fixed or data[size] is None else data[size],
                 digit=int(data[digit]) if handle.digits and data[digit] is not None else None,
+                direction=data[direction] if handle.directions else None,
             )
             return handle, req
 
@@ -243,11 +255,14 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
                 log.info("model not loaded: %s", exc)
                 gr.Warning(str(exc))
                 return {model_status: f"**could not load** `{name}`: {exc}"}
-            what = (f"digits 0-9 at {h.default_size} px" if h.digits
+            what = (f"digits 0-9 moving {'/'.join(h.directions)}, {h.frames} frames at {h.default_size} px"
+                    if h.directions else f"digits 0-9 at {h.default_size} px" if h.digits
                     else f"free prompt, default {h.default_size} px")
             return {
                 model_status: f"loaded `{h.name}` ({type(h.pipe).__name__}; {what})",
                 digit: gr.update(visible=h.digits),
+                direction: gr.update(visible=bool(h.directions),
+                                     **({"choices": list(h.directions)} if h.directions else {})),
                 prompt: gr.update(visible=not h.digits),
                 negative: gr.update(visible=not h.digits),
                 size: gr.update(visible=False) if h.size_fixed or not h.default_size else
@@ -256,7 +271,7 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
                 guidance: gr.update(value=h.default_guidance),
             }
 
-        load_outputs = [model_status, digit, prompt, negative, size, steps, guidance]
+        load_outputs = [model_status, digit, direction, prompt, negative, size, steps, guidance]
         load_btn.click(on_load, model, load_outputs, concurrency_limit=4, api_name="load")  # ModelCache locks
         demo.load(on_load, model, load_outputs, concurrency_limit=4, api_visibility="private")
 
@@ -310,22 +325,31 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
                 if r.error:
                     gr.Warning(f"{r.name} did not run: {r.error}")
             ok = [r for r in comp.runs if r.image is not None]
-            pics = {r.name: display_image(r.image) for r in ok}
+            clips = any(r.image.ndim == 4 for r in ok)
+            # clips play as looping GIFs side by side; the before/after slider compares their filmstrips
+            shows = {r.name: display_clip(r.image) if clips else display_image(r.image) for r in ok}
+            pics = {r.name: filmstrip(r.image) if clips else shows[r.name] for r in ok}
             caption = {r.name: r.name + (f" ({r.speedup:.2f}x)" if r.speedup and r is not comp.baseline else "")
-                       + (f", reads as {r.digit_read}" if r.digit_read is not None else "") for r in ok}
+                       + (f", reads as {r.digit_read}" if r.digit_read is not None else "")
+                       + (f", moves {r.motion_read}" if r.motion_read is not None else "") for r in ok}
             headers, rows = metrics_table(comp)
             others = [r.name for r in ok[1:]]
             req = comp.request
             what = f"digit {req.digit}" if req.digit is not None else f"“{req.prompt}”"
+            if req.direction is not None:
+                what += f" moving {req.direction}"
             n = max((len(r.speedups) for r in ok), default=1)
             note = (f"{comp.model}: {what}, seed {req.seed}, {req.steps} steps, CFG {req.guidance:g}"
                     + (f", {req.size} px" if req.size else "") + ". Speed-up = baseline time / this one's in the "
                     f"same round, median and min-max over {n} interleaved round(s): on a shared machine single "
                     "runs vary a lot. Forwards count cond + uncond passes through every transformer block. "
                     + ("'reads as N' is what the digit classifier sees in that one image; accuracy over a set of "
-                       "digits is in the Sweep tab and `hasten bench`." if req.digit is not None else ""))
+                       "digits is in the Sweep tab and `hasten bench`." if req.digit is not None else "")
+                    + (f" Clips: {ok[0].image.shape[0]} frames at 8 fps; PSNR over the whole clip, SSIM per frame; "
+                       "'reads as N' is the majority over the frames, 'moves X' where the digit's centroid went from "
+                       "the first frame to the last (the slider shows every 4th frame)." if clips else ""))
             return {
-                gallery: [(pics[r.name], caption[r.name]) for r in ok],
+                gallery: [(shows[r.name], caption[r.name]) for r in ok],
                 table: gr.update(value=rows, headers=headers),
                 notes: note,
                 timeline: _close(timeline_figure(comp)),
@@ -452,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if args.model == EMBEDDED:  # fit the digit classifier while the user looks at the page
+    if args.model in (EMBEDDED, EMBEDDED_VIDEO):  # fit the digit classifier while the user looks at the page
         threading.Thread(target=digit_classifier, name="hasten-digit-classifier", daemon=True).start()
     demo = build_app(device=device, default_model=args.model)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share)

@@ -27,6 +27,9 @@ from ..bench.variants import EASYCACHE_SWEEP, Variant, baseline, hasten_easycach
 
 MAX_CONFIGS = 3
 EMBEDDED = "embedded"
+EMBEDDED_VIDEO = "embedded-video"  # the moving-digit video model (``hasten.load_embedded("video")``)
+MODEL_CHOICES = ((f"{EMBEDDED} (image model: digits)", EMBEDDED),
+                 (f"{EMBEDDED_VIDEO} (video model: moving digits)", EMBEDDED_VIDEO))
 STEPS_RANGE = (1, 150)
 GUIDANCE_RANGE = (0.0, 30.0)
 SEED_RANGE = (0, 2**31 - 1)
@@ -59,6 +62,7 @@ class GenerationRequest:
     guidance: float = 4.0
     size: int | None = None  # square output side in pixels; None = the model's default
     digit: int | None = None  # the embedded model's prompt is "digit N"
+    direction: str | None = None  # the embedded video model's prompt is "digit N moving DIRECTION"
 
 
 GenerateFn = Callable[[Any, GenerationRequest, list[str], StepCallback | None], torch.Tensor]
@@ -90,10 +94,18 @@ class ModelHandle:
     default_size: int | None = None
     size_fixed: bool = False  # the model only makes one size (the embedded model: 32 px)
     size_multiple: int = 16
+    directions: tuple[str, ...] = ()  # the video model: prompts "digit N moving DIRECTION" for these
+    frames: int | None = None  # outputs are clips of this many frames (B, T, 3, H, W); None: images
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     warm: bool = False  # a first, untimed generation was done (keeps one-off costs out of the timings)
 
+    @property
+    def video(self) -> bool:
+        return self.frames is not None
+
     def prompts(self, request: GenerationRequest) -> list[str]:
+        if self.directions:
+            return [f"digit {int(request.digit)} moving {request.direction}"]
         return [f"digit {int(request.digit)}"] if self.digits else [request.prompt]
 
     def validate(self, request: GenerationRequest) -> GenerationRequest:
@@ -101,6 +113,9 @@ class ModelHandle:
         if self.digits:
             if request.digit is None or not 0 <= int(request.digit) <= 9:
                 raise ValueError(f"pick a digit in 0..9 for the embedded model, got {request.digit!r}")
+            if self.directions and request.direction not in self.directions:
+                raise ValueError(f"pick a direction among {', '.join(self.directions)} for the video model, "
+                                 f"got {request.direction!r}")
         elif not (request.prompt or "").strip():
             raise ValueError("the prompt is empty: type what to generate")
         _check_int("steps", request.steps)
@@ -120,7 +135,8 @@ class ModelHandle:
 
     def generate(self, request: GenerationRequest, prompts: list[str] | None = None,
                  on_step: StepCallback | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1]; item ``i`` of ``prompts`` uses seed ``request.seed + i``."""
+        """Images (B, 3, H, W) in [0, 1], clips (B, T, 3, H, W) for a video model; item ``i`` of ``prompts``
+        uses seed ``request.seed + i``."""
         if request.size is None and self.default_size is not None:
             request = replace(request, size=self.default_size)
         return self.generate_fn(self.pipe, request, prompts or self.prompts(request), on_step)
@@ -168,6 +184,43 @@ def diffusers_generate(pipe: Any, request: GenerationRequest, prompts: list[str]
     return _to_images(frames if frames is not None else out.images)
 
 
+def video_generate(pipe: Any, request: GenerationRequest, prompts: list[str],
+                   on_step: StepCallback | None = None) -> torch.Tensor:
+    """The embedded video model: clips (B, T, 3, H, W) in [0, 1] of its trained frame count."""
+    from ..embedded.video import VIDEO_DEFAULT_FRAMES
+
+    kw: dict[str, Any] = {}
+    if on_step is not None:
+        def callback(_pipe: Any, step: int, _t: Any, callback_kwargs: dict) -> dict:
+            on_step(step)
+            return callback_kwargs
+
+        kw["callback_on_step_end"] = callback
+    out = pipe(prompt=prompts, negative_prompt=[request.negative_prompt] * len(prompts),
+               num_inference_steps=request.steps, guidance_scale=request.guidance, num_frames=VIDEO_DEFAULT_FRAMES,
+               height=request.size, width=request.size, output_type="pt",
+               generator=[torch.Generator("cpu").manual_seed(request.seed + i) for i in range(len(prompts))], **kw)
+    return out.frames.detach().float().cpu().clamp(0, 1)
+
+
+def embedded_video_handle(pipe: Any = None) -> ModelHandle:
+    """The embedded moving-digit video model (loaded from the package when ``pipe`` is None)."""
+    from ..embedded.video import (
+        DIRECTIONS,
+        VIDEO_DEFAULT_FRAMES,
+        VIDEO_DEFAULT_GUIDANCE,
+        VIDEO_DEFAULT_SIZE,
+        VIDEO_DEFAULT_STEPS,
+        load_video_embedded,
+    )
+
+    if pipe is None:
+        pipe = load_video_embedded()
+    return ModelHandle(EMBEDDED_VIDEO, pipe, video_generate, digits=True, default_steps=VIDEO_DEFAULT_STEPS,
+                       default_guidance=VIDEO_DEFAULT_GUIDANCE, default_size=VIDEO_DEFAULT_SIZE, size_fixed=True,
+                       directions=tuple(DIRECTIONS), frames=VIDEO_DEFAULT_FRAMES)
+
+
 def embedded_handle(pipe: Any = None) -> ModelHandle:
     """The embedded digit model (loaded from the package when ``pipe`` is None)."""
     from ..embedded import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, load_embedded
@@ -190,11 +243,12 @@ def diffusers_handle(name: str, pipe: Any) -> ModelHandle:
 
 
 def load_model(name: str, device: str = "cpu") -> ModelHandle:
-    """``"embedded"``, a local diffusers pipeline directory, or a hub id (needs network / the local cache)."""
+    """``"embedded"``, ``"embedded-video"``, a local diffusers pipeline directory, or a hub id (needs network / the
+    local cache)."""
     name = (name or "").strip()
     if not name:
         raise ModelLoadError("no model given: choose 'embedded', a local diffusers folder or a hub id")
-    if name != EMBEDDED and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
+    if name not in (EMBEDDED, EMBEDDED_VIDEO) and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
         if not Path(name).expanduser().exists():
             raise ModelLoadError(f"no such folder: {name} (give an existing diffusers pipeline folder, 'embedded' "
                                  "or a hub id such as org/model)")
@@ -203,6 +257,10 @@ def load_model(name: str, device: str = "cpu") -> ModelHandle:
             from ..embedded import load_embedded
 
             return embedded_handle(load_embedded(device=device))
+        if name == EMBEDDED_VIDEO:
+            from ..embedded import load_embedded
+
+            return embedded_video_handle(load_embedded("video", device=device))
         from diffusers import DiffusionPipeline
 
         local = Path(name).expanduser()
@@ -217,7 +275,7 @@ def load_model(name: str, device: str = "cpu") -> ModelHandle:
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one readable message
-        if name != EMBEDDED and not Path(name).expanduser().exists():
+        if name not in (EMBEDDED, EMBEDDED_VIDEO) and not Path(name).expanduser().exists():
             raise ModelLoadError(_not_available(name, exc)) from exc
         raise ModelLoadError(f"could not load {name!r}: {type(exc).__name__}: {exc}".strip()) from exc
 
@@ -265,7 +323,7 @@ class RunResult:
     """One configuration's output and figures (quality against the same-seed baseline)."""
 
     name: str
-    image: torch.Tensor | None = None  # (3, H, W) in [0, 1]
+    image: torch.Tensor | None = None  # (3, H, W) in [0, 1]; a video model's clip: (T, 3, H, W)
     seconds: float | None = None
     forwards: float | None = None  # denoiser forwards (full-forward equivalents, cond + uncond)
     speedup: float | None = None  # median over repeats of baseline time / this time (same round)
@@ -275,6 +333,8 @@ class RunResult:
     ssim: float | None = None
     digit_read: int | None = None  # what the digit classifier reads (embedded model only)
     digit_ok: bool | None = None
+    motion_read: str | None = None  # video: the way the digit's centroid moved ("left" .. "down", or "still")
+    motion_ok: bool | None = None
     timeline: dict[str, list[bool]] = field(default_factory=dict)  # branch -> computed(True)/reused per step
     error: str | None = None
 
@@ -426,8 +486,42 @@ def digit_classifier() -> metrics.DigitClassifier:
         return metrics.digit_classifier()
 
 
+def _clip_as_image(x: torch.Tensor) -> torch.Tensor:
+    """A clip (T, C, H, W) as one image (1, C, T*H, W): PSNR over the whole clip, as ``hasten bench`` reports it."""
+    t, c, h, w = x.shape
+    return x.permute(1, 0, 2, 3).reshape(1, c, t * h, w)
+
+
+def direction_of(displacement: Sequence[float], size: int) -> str:
+    """Which way a clip's digit moved: the larger component of its centroid's (dx, dy) displacement in pixels,
+    or "still" below a quarter of the trained travel (the rule of ``score_videos``' motion accuracy)."""
+    from ..embedded.video_data import TRAVEL
+
+    dx, dy = float(displacement[0]), float(displacement[1])
+    if max(abs(dx), abs(dy)) <= 0.25 * TRAVEL * size:
+        return "still"
+    if abs(dx) > abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
+def _score_clips(request: GenerationRequest, runs: list[RunResult]) -> None:
+    """Per clip: the digit the classifier reads (majority over frames) and the way the digit moved."""
+    from ..embedded.video import score_videos
+
+    clips = torch.stack([r.image for r in runs])
+    n = len(runs)
+    scores = score_videos(clips, [int(request.digit)] * n, [str(request.direction)] * n)
+    for r, pred, disp in zip(runs, scores["clip_predictions"], scores["displacement_px"]):
+        r.digit_read = int(pred)
+        r.digit_ok = r.digit_read == int(request.digit)
+        r.motion_read = direction_of(disp, int(clips.shape[-1]))
+        r.motion_ok = r.motion_read == request.direction
+
+
 def _score(handle: ModelHandle, request: GenerationRequest, runs: list[RunResult]) -> None:
-    """Speed-up, PSNR and SSIM against the baseline; the digit the classifier reads (embedded model)."""
+    """Speed-up, PSNR and SSIM against the baseline; the digit the classifier reads (embedded models) and, for
+    clips, the way the digit moves. Clips: PSNR over the whole clip, SSIM per frame (as ``hasten bench``)."""
     base = runs[0]
     for r in runs:
         if r.image is None:
@@ -438,11 +532,15 @@ def _score(handle: ModelHandle, request: GenerationRequest, runs: list[RunResult
         elif base.seconds and r.seconds:
             r.speedup = base.seconds / r.seconds
         if r is not base and base.image is not None:
-            r.psnr = metrics.psnr(r.image, base.image)
+            clip = r.image.ndim == 4
+            r.psnr = metrics.psnr(_clip_as_image(r.image) if clip else r.image,
+                                  _clip_as_image(base.image) if clip else base.image)
             r.ssim = metrics.ssim(r.image, base.image)
     if handle.digits:
         ok = [r for r in runs if r.image is not None]
-        if ok:
+        if ok and handle.video:
+            _score_clips(request, ok)
+        elif ok:
             preds = digit_classifier().predict(torch.stack([r.image for r in ok]))
             for r, p in zip(ok, preds.tolist()):
                 r.digit_read = int(p)
@@ -451,6 +549,7 @@ def _score(handle: ModelHandle, request: GenerationRequest, runs: list[RunResult
 
 TABLE_HEADERS = ["configuration", "wall s (median)", "speed-up (median, min-max)", "denoiser forwards", "PSNR dB",
                  "SSIM", "digit read"]
+MOTION_HEADER = "moves"  # the video model's extra column
 
 
 def _fmt(value: float | None, fmt: str) -> str:
@@ -462,19 +561,23 @@ def _fmt(value: float | None, fmt: str) -> str:
 
 
 def metrics_table(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows (strings) for the metrics table; the digit column only for the embedded model."""
+    """Headers and rows (strings) for the metrics table; the digit column only for the embedded models, the
+    motion column ("moves left") only for the video model. Clips: PSNR over the clip, SSIM per frame."""
     digits = any(r.digit_read is not None for r in comparison.runs)
-    headers = TABLE_HEADERS if digits else TABLE_HEADERS[:-1]
+    motion = any(r.motion_read is not None for r in comparison.runs)
+    headers = (TABLE_HEADERS if digits else TABLE_HEADERS[:-1]) + ([MOTION_HEADER] if motion else [])
     rows = []
     for r in comparison.runs:
         if r.error and r.image is None:
-            rows.append([r.name, f"failed: {r.error}", "-", "-", "-", "-"] + (["-"] if digits else []))
+            rows.append([r.name, f"failed: {r.error}"] + ["-"] * (len(headers) - 2))
             continue
         row = [r.name, _fmt(r.seconds, "{:.3f}"), _speedup_text(r), _fmt(r.forwards, "{:g}"),
                _fmt(r.psnr, "{:.2f}"), _fmt(r.ssim, "{:.4f}")]
         if digits:
             # one image: what it reads as, never a 0%/100% "accuracy" (accuracy is for sets: the Sweep tab)
             row.append("-" if r.digit_read is None else f"reads as {r.digit_read}")
+        if motion:
+            row.append("-" if r.motion_read is None else f"moves {r.motion_read}")
         rows.append(row)
     return headers, rows
 
@@ -542,6 +645,39 @@ def display_image(image: torch.Tensor, min_side: int = 256):
     return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale > 1 else pil
 
 
+def _frames_pil(clip: torch.Tensor, min_side: int) -> list:
+    return [display_image(frame, min_side) for frame in clip]
+
+
+CLIP_FPS = 8  # the clips play at 8 frames per second (17 frames: about 2 s, looping)
+
+
+def display_clip(clip: torch.Tensor, min_side: int = 256, folder: str | Path | None = None) -> str:
+    """A clip (T, 3, H, W) in [0, 1] as a looping animated GIF file, nearest-neighbour upscaled like
+    :func:`display_image` so 32 px frames are visible; returns its path (in the temp folder gradio serves)."""
+    import tempfile
+
+    frames = _frames_pil(clip, min_side)
+    fd, path = tempfile.mkstemp(prefix="hasten-clip-", suffix=".gif", dir=folder)
+    with open(fd, "wb") as fh:
+        frames[0].save(fh, format="GIF", save_all=True, append_images=frames[1:], duration=1000 // CLIP_FPS, loop=0,
+                       optimize=False, disposal=1)
+    return path
+
+
+def filmstrip(clip: torch.Tensor, every: int = 4, min_side: int = 128):
+    """Every ``every``-th frame of a clip (and the last) side by side, upscaled: a still for the before/after slider."""
+    from PIL import Image
+
+    idx = sorted(set(range(0, len(clip), every)) | {len(clip) - 1})
+    frames = _frames_pil(clip[idx], min_side)
+    w, h = frames[0].size
+    strip = Image.new("RGB", (len(frames) * w + (len(frames) - 1) * 4, h), (255, 255, 255))
+    for i, f in enumerate(frames):
+        strip.paste(f, (i * (w + 4), 0))
+    return strip
+
+
 # ----------------------------------------------------------------------------------------- sweep
 def parse_thresholds(text: str) -> list[float]:
     """``"0.05, 0.1 0.2"`` -> [0.05, 0.1, 0.2]; ValueError for anything that is not 1-8 numbers in (0, 1]."""
@@ -564,14 +700,22 @@ def run_sweep(handle: ModelHandle, request: GenerationRequest, thresholds: Seque
               on_progress: Progress | None = None) -> list[BenchRow]:
     """EasyCache threshold sweep through ``hasten bench``'s runner (interleaved timing, same metrics).
 
-    The embedded model generates all ten digits per run (digit accuracy and Fréchet distance too); other
-    models generate the prompt once.
+    The embedded model generates all ten digits per run (digit accuracy and Fréchet distance too); the video
+    model the chosen digit moving each way (digit, clip and motion accuracy); other models the prompt once.
     """
     request = handle.validate(request)
     _check_range("repeats", repeats, 1, 10)
     variants = [baseline(), *[hasten_easycache(float(t)) for t in thresholds]]
-    digits = list(range(10)) if handle.digits else None
-    prompts = [f"digit {d}" for d in digits] if digits else handle.prompts(request)
+    score = None
+    if handle.directions:
+        from ..bench.runner import video_scorer
+
+        digits = None
+        prompts = [f"digit {int(request.digit)} moving {d}" for d in handle.directions]
+        score = video_scorer([int(request.digit)] * len(prompts), list(handle.directions))
+    else:
+        digits = list(range(10)) if handle.digits else None
+        prompts = [f"digit {d}" for d in digits] if digits else handle.prompts(request)
 
     def generate(_pipe: Any, seed: int) -> torch.Tensor:
         return handle.generate(replace(request, seed=seed), prompts)
@@ -582,7 +726,7 @@ def run_sweep(handle: ModelHandle, request: GenerationRequest, thresholds: Seque
                 handle.generate(replace(request, steps=min(2, request.steps)))
                 handle.warm = True
             return run_bench(handle.pipe, variants, generate, seeds=[request.seed], targets=digits,
-                             repeats=int(repeats), progress=False, on_progress=on_progress)
+                             repeats=int(repeats), progress=False, on_progress=on_progress, score=score)
         except Exception as exc:
             if _is_oom(exc):
                 raise _oom(request) from exc

@@ -191,3 +191,25 @@ register_panel(PanelSpec(
     controls=(Control("method", "method", kind="dropdown", default="int8", choices=("int8", "int4", "w8a8")),),
     build=lambda method: quantized(method, **({"group_size": 64} if method == "int4" else {})),
 ))
+
+
+def _preset_panel() -> PanelSpec:
+    """A ``hasten tune`` preset as one family: the stack it holds, loaded into the slot as a whole."""
+    from ..tune.preset import find_presets, preset_variant
+
+    found = tuple(find_presets()) or ("(no preset found)",)
+
+    def build(preset: str) -> Variant:
+        if preset not in found or preset == "(no preset found)":
+            raise ValueError("no preset: run `hasten tune` (writes tune-results/tuned.json) or set HASTEN_PRESETS "
+                             "to a preset file or folder before `hasten demo`")
+        return preset_variant(preset)
+
+    return PanelSpec(family="preset", title="Tuned preset (hasten tune)",
+                     description="The stack `hasten tune` chose (a JSON preset), with its own settings; found in "
+                                 "HASTEN_PRESETS or ./tune-results.",
+                     controls=(Control("preset", "preset file", kind="dropdown", default=found[0], choices=found),),
+                     build=build)
+
+
+register_panel(_preset_panel())

@@ -1,0 +1,187 @@
+"""SADA: stability-guided adaptive step skipping (Jiang et al., "SADA: Stability-guided Adaptive Diffusion
+Acceleration", ICML 2025), as a framework-neutral step cache.
+
+SADA reads the stability of the sampling ODE from the solver's recent gradient estimates f (the denoiser
+output: velocity for flow-matching models, noise for ε-models) and skips a step when the trajectory is
+locally stable. Per branch, with the last three *computed* outputs f₀, f₁, f₂ at steps s₀ < s₁ < s₂:
+
+* first divided differences d₀ = (f₁ − f₀)/(s₁ − s₀), d₁ = (f₂ − f₁)/(s₂ − s₁);
+* the paper's stability momentum  m = −(d₁ − d₀)  (its flow-matching criterion ``momentum = −Δ²f``);
+* the next call is skipped when mean(m) ≤ ``threshold`` · mean|d₁| (paper: threshold 0, i.e. the sign of
+  the mean second-order difference), inside the acceleration range and at most ``max_interval`` in a row;
+* a skipped call is approximated from the solver's gradient information: f is extrapolated from the last
+  computed outputs (``order`` 1 = the Adams–Bashforth-like f̂ = f₂ + (t − s₂)·d₁ the paper uses; ``order``
+  2 = the Lagrange polynomial through three points, the paper's late-stage Lagrange interpolation).
+
+Off (``max_interval=0``) computes every call, bit-identical to no cache. Branches (cond/uncond, batch
+items) keep their own state; with ``sync_branches`` the branches of one batch item decide together.
+
+Token-level sparsity (the paper's second half: pruning the unstable tokens' complement inside the
+network) is not done here: it changes the sequence length *inside* the transformer blocks, which needs
+every per-token side input of the model (rotary embeddings, attention masks, per-token modulation such
+as Wan's per-token timestep, UNet skip connections) sliced to match — model-specific surgery that a
+step cache, which only sees the denoiser's input and output, cannot do generically.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..validation import check_bool, check_float, check_int
+from .base import BranchKey, BranchRuns, BranchStats
+from .easycache import lagrange_extrapolate
+
+
+@dataclass
+class SADAConfig:
+    """Settings for :class:`SADA`.
+
+    Attributes:
+        max_interval: at most this many skipped calls in a row per branch; 0 turns SADA off
+            (bit-identical to no cache).
+        threshold: skip while mean(−Δ²f) ≤ threshold · mean|Δf| (0 = the paper's sign test; larger
+            skips more, negative skips less).
+        start: fraction of the run's steps always computed at the start (paper: 10 of 50 steps).
+        end: fraction after which every step is computed (paper: 47 of 50).
+        final_steps: the last ``final_steps`` steps are always computed.
+        order: extrapolation order for a skipped call (1 = Adams–Bashforth-like linear, 2 = Lagrange).
+        sync_branches: the cond/uncond branches of one batch item compute or skip together.
+    """
+
+    max_interval: int = 1
+    threshold: float = 0.0
+    start: float = 0.2
+    end: float = 0.94
+    final_steps: int = 1
+    order: int = 1
+    sync_branches: bool = True
+
+    def __post_init__(self) -> None:
+        own = "SADAConfig"
+        self.max_interval = check_int(own, "max_interval", self.max_interval, lo=0)
+        self.threshold = check_float(own, "threshold", self.threshold)
+        self.start = check_float(own, "start", self.start, lo=0.0, hi=1.0)
+        self.end = check_float(own, "end", self.end, lo=0.0, hi=1.0)
+        if self.end < self.start:
+            raise ValueError(f"SADAConfig.end ({self.end}) must be >= start ({self.start})")
+        self.final_steps = check_int(own, "final_steps", self.final_steps, lo=0)
+        self.order = check_int(own, "order", self.order, lo=1, hi=2)
+        self.sync_branches = check_bool(own, "sync_branches", self.sync_branches)
+
+    @property
+    def is_off(self) -> bool:
+        return self.max_interval == 0
+
+
+@dataclass
+class _Branch:
+    stats: BranchStats
+    past: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, f) of recent computed calls
+    shape: tuple | None = None
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
+    step: int = 0
+    skipped: int = 0  # consecutive skipped calls
+    momentum: list[float] = field(default_factory=list)  # normalised mean momentum at each decision (plots)
+
+    def forget(self) -> None:
+        self.past, self.skipped = [], 0
+
+
+class SADA(BranchRuns):
+    """The SADA decision policy (implements :class:`hasten.caches.base.StepCache`)."""
+
+    method = "SADA"
+
+    def __init__(self, config: SADAConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or SADAConfig()
+
+    def invalidate(self) -> None:
+        """Drop cached tensors but keep statistics (e.g. the resolution changed mid-run)."""
+        for b in self._branches.values():
+            b.forget()
+
+    # -- decisions -----------------------------------------------------------------------------
+    def _forced(self, step: int, num_steps: int | None) -> bool:
+        if num_steps is None or num_steps <= 0:
+            return True  # without the run length the acceleration range is unknown: never skip
+        cfg = self.config
+        return (step < math.ceil(cfg.start * num_steps) or step >= math.floor(cfg.end * num_steps)
+                or step >= num_steps - cfg.final_steps)
+
+    def stability(self, b: _Branch) -> float | None:
+        """mean(−(d₁ − d₀)) / mean|d₁| over the last three computed outputs (None with fewer)."""
+        if len(b.past) < 3:
+            return None
+        (s0, f0), (s1, f1), (s2, f2) = b.past[-3:]
+        d0 = (f1 - f0) / float(s1 - s0)
+        d1 = (f2 - f1) / float(s2 - s1)
+        scale = d1.abs().mean().item()
+        if scale <= 0:
+            return -math.inf  # the output stopped changing: perfectly stable
+        return (-(d1 - d0)).mean().item() / scale
+
+    def _wants_compute(self, b: _Branch, x: torch.Tensor, step: int, num_steps: int | None) -> bool:
+        cfg = self.config
+        if (cfg.is_off or self._forced(step, num_steps) or b.skipped >= cfg.max_interval
+                or b.shape != tuple(x.shape) or not b.past or b.past[-1][0] >= step):
+            return True
+        m = self.stability(b)
+        return m is None or m > cfg.threshold
+
+    def should_compute(self, key: BranchKey, x: torch.Tensor, step: int, num_steps: int | None,
+                       label: str | None = None, group: Hashable | None = None) -> bool:
+        """True when the real forward must run for this branch at this call."""
+        b = self._branches.get(key)
+        if b is None:
+            b = self._branches[key] = _Branch(stats=BranchStats(label=label or str(key)))
+        elif b.shape is not None and (b.shape != tuple(x.shape) or b.dtype != x.dtype or b.device != x.device):
+            b.forget()  # new shape: the trajectory so far says nothing about this one
+        compute = self._wants_compute(b, x, step, num_steps)
+        if group is not None and self.config.sync_branches:
+            compute = self._group_decision(group, key, x, step, num_steps, compute)
+        b.step = step
+        b.stats.decisions.append(compute)
+        return compute
+
+    def _group_decision(self, group: Hashable, key: BranchKey, x: torch.Tensor, step: int,
+                        num_steps: int | None, own: bool) -> bool:
+        """One decision per batch item and call: compute when any known branch of the item must."""
+        members = self._members.setdefault(group, [])
+        if key not in members:
+            members.append(key)
+        slot = self._slots.get(group)
+        if slot is None or slot[0] != step or key in slot[2]:
+            others = (self._wants_compute(self._branches[m], x, step, num_steps) for m in members if m != key)
+            slot = (step, own or any(others), set())
+            self._slots[group] = slot
+        slot[2].add(key)
+        return slot[1] or own
+
+    def reuse(self, key: BranchKey, x: torch.Tensor) -> torch.Tensor:
+        """The skipped call's output, extrapolated in step index from the last computed outputs."""
+        b = self._branches[key]
+        b.skipped += 1
+        pts = b.past[-(min(self.config.order, len(b.past) - 1) + 1):]
+        if len(pts) == 1:
+            return pts[0][1].to(x.dtype).clone()
+        return lagrange_extrapolate(pts, float(b.step)).to(x.dtype)
+
+    def remember(self, key: BranchKey, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Store a computed output (the solver's gradient estimate at this step)."""
+        b = self._branches[key]
+        if b.past and b.past[-1][0] > b.step:  # the step index went back (a new pass): restart
+            b.past = []
+        if b.past and b.past[-1][0] == b.step:  # a 2nd-order sampler's second call: the newer one counts
+            b.past.pop()
+        b.past = [*b.past[-2:], (b.step, out.detach().float().clone())]
+        b.shape, b.dtype, b.device = tuple(x.shape), x.dtype, x.device
+        b.skipped = 0
+        m = self.stability(b)
+        if m is not None:
+            b.momentum.append(m)

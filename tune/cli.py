@@ -1,0 +1,163 @@
+"""``hasten tune``: search the fastest stack that keeps a quality floor on the embedded model (or reaches a
+speed-up at the best quality), write it as a preset JSON with held-out figures, and a Pareto plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from ..cli import UserError, nonneg_float, positive_int, writable_dir
+
+
+def _fraction(text: str) -> float:
+    v = nonneg_float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return v
+
+
+def _above_one(text: str) -> float:
+    v = nonneg_float(text)
+    if v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a speed-up > 1, got {text!r}")
+    return v
+
+
+def _positive(text: str) -> float:
+    v = nonneg_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
+COMPARE = ("none", "singles")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..bench.cli import _digit_string
+
+    g = p.add_argument_group("objective (one quality floor or more, or --speedup)")
+    g.add_argument("--min-psnr", type=nonneg_float, default=None, help="PSNR floor vs. the baseline, dB")
+    g.add_argument("--min-ssim", type=_fraction, default=None, help="SSIM floor vs. the baseline")
+    g.add_argument("--min-digit-accuracy", type=_fraction, default=None,
+                   help="share of images the digit classifier reads as the prompted digit (0-1)")
+    g.add_argument("--speedup", type=_above_one, default=None, help="speed target: the best quality at this speed-up")
+    p.add_argument("--budget-minutes", type=_positive, default=15.0, help="search time budget (held-out check after)")
+    p.add_argument("--budget-clock", choices=["wall", "cpu"], default="wall",
+                   help="what the budget counts: wall-clock time, or this process's CPU time (a shared, busy box)")
+    p.add_argument("--trials", type=positive_int, default=None, help="stop after this many trials too")
+    p.add_argument("--features", default=None,
+                   help="comma-separated families to search (default: the registry's defaults; see --list-features)")
+    p.add_argument("--list-features", action="store_true", help="list the searchable families and exit")
+    p.add_argument("--digits", type=_digit_string, default="0123456789", help="calibration digits (one prompt each)")
+    p.add_argument("--seeds", type=positive_int, default=1, help="calibration seeds (0, 1000, ...)")
+    p.add_argument("--holdout-seeds", type=positive_int, default=2,
+                   help="held-out seeds for the final figures (never searched on)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="interleaved wall-clock repeats of the final timing")
+    p.add_argument("--compare", choices=COMPARE, default="none",
+                   help="singles: also time hand-set single accelerators (EasyCache sweep, MagCache, TaylorSeer) "
+                        "in the held-out run, to read the best one reaching the floor")
+    p.add_argument("--margin", type=nonneg_float, default=0.5, help="dB above --min-psnr required during the search")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="search seed")
+    p.add_argument("--out", default="tune-results", help="folder for tuned.json, tune.json and pareto.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _singles(steps: int) -> list:
+    from ..bench import variants as v
+
+    # the hand-set settings around 35 dB in `hasten bench` (EasyCache 0.2 gives 33.8 dB there)
+    return [v.hasten_easycache(0.1), v.hasten_easycache(0.15), v.diffusers_magcache(0.24, steps),
+            v.diffusers_taylorseer(3)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from .space import SPACE, default_features
+
+    if args.list_features:
+        for name, e in SPACE.items():
+            print(f"{name:22s} {'default' if e.default else 'opt-in: ' + e.why_not_default}")
+        return 0
+    if all(v is None for v in (args.min_psnr, args.min_ssim, args.min_digit_accuracy, args.speedup)):
+        raise UserError("give an objective: --min-psnr, --min-ssim, --min-digit-accuracy or --speedup")
+    feats = default_features() if args.features is None else [f.strip() for f in args.features.split(",") if f.strip()]
+    unknown = [f for f in feats if f not in SPACE]
+    if unknown:
+        raise UserError(f"unknown feature(s) {', '.join(unknown)}; known: {', '.join(SPACE)}")
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise UserError("hasten tune needs optuna: pip install 'hasten[tune]'") from None
+    out = writable_dir(args.out)
+
+    import torch
+
+    from ..embedded import DEFAULT_STEPS, digit_prompts, load_embedded
+    from . import save_preset, tune
+    from .plot import write_plot
+
+    torch.set_num_threads(args.threads)
+    digits = [int(c) for c in args.digits]
+    pipe = load_embedded()
+    seeds = [1000 * i for i in range(args.seeds)]
+    holdout = [1000 * (args.seeds + i) + 7 for i in range(args.holdout_seeds)]
+    result = tune(pipe, digit_prompts(digits), min_psnr=args.min_psnr, min_ssim=args.min_ssim,
+                  min_digit_accuracy=args.min_digit_accuracy, speedup=args.speedup, targets=digits, seeds=seeds,
+                  holdout_seeds=holdout, features=feats, budget_minutes=args.budget_minutes, budget_clock=args.budget_clock, n_trials=args.trials,
+                  steps=DEFAULT_STEPS, margin_db=args.margin if args.min_psnr is not None else 0.0,
+                  repeats=args.repeats, compare=_singles(DEFAULT_STEPS) if args.compare == "singles" else (),
+                  model="hasten embedded (WanPipeline, digits)", seed=args.seed, progress=not args.no_progress)
+    (out / "tune.json").write_text(json.dumps(result.to_dict(), indent=1, default=_json_default) + "\n")
+    write_plot(result, out / "pareto.png", f"hasten tune on the embedded model ({len(result.trials)} trials)")
+    ok = 0
+    print(f"{len(result.trials)} trials in {result.search_seconds:.0f} s wall, "
+          f"{result.preset['search']['cpu_seconds']:.0f} s CPU"
+          + (" (interrupted: best so far kept)" if result.interrupted else ""))
+    if result.best is None:
+        print("no stack met the objective; nothing written to tuned.json")
+        ok = 1
+    else:
+        save_preset(result.preset, out / "tuned.json")
+        print("chosen:", json.dumps(result.features))
+        h = result.held_out
+        if h and h.get("speedup_wall") is not None:
+            print(f"held-out (seeds {h['seeds']}, {h['repeats']} interleaved repeats): {h['speedup_wall']:.2f}x "
+                  f"wall-clock, PSNR {h['psnr']:.2f} dB, SSIM {h['ssim']:.4f}, digit accuracy "
+                  f"{_pct(h['accuracy'])} (baseline {_pct(h['baseline_accuracy'])})")
+        elif h:
+            print("held-out check failed for every candidate:", h.get("checks"))
+            ok = 1
+        if result.compared:
+            from ..bench.report import table
+            from ..bench.runner import BenchRow
+
+            rows = [BenchRow(**r) for r in result.compared]
+            print(table(rows))
+            if args.min_psnr is not None:
+                _verdict(rows, args.min_psnr)
+        print(f"wrote {out / 'tuned.json'}")
+    print(f"wrote {out / 'tune.json'} and {out / 'pareto.png'}")
+    return ok
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def _verdict(rows: list, floor: float) -> None:
+    singles = [r for r in rows[2:] if r.psnr is not None and r.psnr >= floor and r.speedup]
+    tuned = rows[1]
+    if not singles:
+        print(f"no hand-set single accelerator reached {floor:g} dB on the held-out seeds")
+        return
+    top = max(singles, key=lambda r: r.speedup)
+    print(f"best single reaching {floor:g} dB: {top.name} {top.speedup:.2f}x ({top.psnr:.2f} dB); tuned stack "
+          f"{tuned.speedup:.2f}x = {tuned.speedup / top.speedup:.2f}x of it")
+
+
+def _json_default(v: object) -> object:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return str(v)

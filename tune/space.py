@@ -1,0 +1,263 @@
+"""The search space of ``hasten tune``: a registry of small entries, one per accelerator family.
+
+Each :class:`Entry` knows three things: how a search trial picks its settings (``suggest``: an optuna
+trial in, a settings dict or ``None`` = off out), how to check settings read from a preset file
+(``validate``: builds the family's own config, so the file gets exactly the checks ``enable_*`` does),
+and how to switch them on a diffusers pipeline (``enable``; ``disable`` undoes it). A new family is one
+:func:`register` call. The JSON preset stores each family's settings as that family's config keywords,
+so the ComfyUI preset node builds the same configs for its own nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Settings = dict[str, Any]
+
+
+@dataclass
+class Context:
+    """What ``enable`` may need beyond the settings: calibration prompts and per-tune caches."""
+
+    calibration_prompts: list[str] = field(default_factory=list)
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Entry:
+    """One searchable accelerator family."""
+
+    name: str
+    suggest: Callable[[Any], Settings | None]
+    validate: Callable[[Settings], Any]
+    enable: Callable[[Any, Settings, Context], None]
+    disable: Callable[[Any], None]
+    default: bool = True  # searched unless the caller names the features
+    order: int = 50  # enable order (schedule and weights first, hooks after)
+    why_not_default: str = ""
+
+
+SPACE: dict[str, Entry] = {}
+
+
+def register(entry: Entry) -> Entry:
+    """Add (or replace) a family of the search space."""
+    SPACE[entry.name] = entry
+    return entry
+
+
+def _config(module: str, cls: str) -> Callable[[Settings], Any]:
+    def build(settings: Settings) -> Any:
+        import importlib
+
+        mod = importlib.import_module(f"hasten.{module}")
+        return getattr(mod, cls)(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+
+    return build
+
+
+def _method(feature: str) -> tuple[Callable[[Any, Settings, Context], None], Callable[[Any], None]]:
+    def enable(pipe: Any, settings: Settings, ctx: Context) -> None:
+        import hasten.pipelines as hp
+
+        getattr(hp, f"enable_{feature}")(pipe, **{k: tuple(v) if isinstance(v, list) else v
+                                                   for k, v in settings.items()})
+
+    def disable(pipe: Any) -> None:
+        import hasten.pipelines as hp
+
+        getattr(hp, f"disable_{feature}")(pipe)
+
+    return enable, disable
+
+
+# --- timestep schedule (AutoDiffusion) ----------------------------------------------------------------------
+
+def _suggest_schedule(trial: Any) -> Settings | None:
+    base = int(trial.study.user_attrs.get("steps", 20))
+    steps = trial.suggest_int("schedule.steps", max(2, base // 4), base)
+    shift = trial.suggest_float("schedule.shift", 0.5, 3.0, log=True)
+    if steps == base and abs(shift - 1.0) < 1e-3:
+        return None
+    return {"steps": steps, "shift": round(shift, 4)}
+
+
+def _enable_schedule(pipe: Any, settings: Settings, ctx: Context) -> None:
+    from .schedule import enable_timestep_schedule
+
+    enable_timestep_schedule(pipe, **settings)
+
+
+def _disable_schedule(pipe: Any) -> None:
+    from .schedule import disable_timestep_schedule
+
+    disable_timestep_schedule(pipe)
+
+
+register(Entry("timestep_schedule", _suggest_schedule, _config("tune.schedule", "ScheduleConfig"),
+               _enable_schedule, _disable_schedule, order=0))
+
+
+# --- step cache ---------------------------------------------------------------------------------------------
+
+def _suggest_easycache(trial: Any) -> Settings | None:
+    if not trial.suggest_categorical("easycache.on", [True, False]):
+        return None
+    out: Settings = {
+        "threshold": round(trial.suggest_float("easycache.threshold", 0.02, 0.5, log=True), 4),
+        "warmup": round(trial.suggest_float("easycache.warmup", 0.05, 0.4), 3),
+    }
+    from ..caches.easycache import FORECASTS
+
+    forecast = trial.suggest_categorical("easycache.forecast", list(FORECASTS))
+    if forecast != "none":
+        out["forecast"] = forecast
+    return out
+
+
+register(Entry("easycache", _suggest_easycache, _config("caches", "EasyCacheConfig"), *_method("easycache")))
+
+
+# --- guidance -----------------------------------------------------------------------------------------------
+
+def _suggest_guidance(trial: Any) -> Settings | None:
+    mode = trial.suggest_categorical("guidance.mode", ["off", "ag", "truncate"])
+    if mode == "ag":
+        return {"mode": "ag", "threshold": round(trial.suggest_float("guidance.threshold", 0.98, 0.9995), 5)}
+    if mode == "truncate":
+        return {"mode": "truncate", "truncate": round(trial.suggest_float("guidance.truncate", 0.3, 0.95), 3)}
+    return None
+
+
+register(Entry("adaptive_guidance", _suggest_guidance, _config("samplers.guidance", "GuidanceConfig"),
+               *_method("adaptive_guidance")))
+
+
+# --- quantization -------------------------------------------------------------------------------------------
+
+def _suggest_quant(trial: Any) -> Settings | None:
+    method = trial.suggest_categorical("quantize.method", ["off", "int8", "w8a8"])
+    return None if method == "off" else {"method": method}
+
+
+def _validate_quant(settings: Settings) -> Any:
+    from ..quant import as_config
+
+    if set(settings) - {"method"}:
+        raise ValueError(f"quantize: only 'method' is stored in a preset, got {sorted(settings)}")
+    return as_config(settings.get("method"))
+
+
+def _enable_quant(pipe: Any, settings: Settings, ctx: Context) -> None:
+    """Quantize with activations recorded once per pipeline and tune run (AWQ / SmoothQuant need them)."""
+    import hasten.pipelines as hp
+
+    method = settings["method"]
+    key = ("quant-calibration", id(pipe))
+    if key not in ctx.cache and ctx.calibration_prompts:
+        from ..pipelines.quantize import _denoisers, calibrate_pipeline
+
+        ctx.cache[key] = dict(calibrate_pipeline(pipe, list(ctx.calibration_prompts), 4, list(_denoisers(pipe, None)),
+                                                 256, **ctx.call_kwargs))
+    hp.quantize_pipeline(pipe, method, calibration=ctx.cache.get(key))
+
+
+def _disable_quant(pipe: Any) -> None:
+    import hasten.pipelines as hp
+
+    hp.dequantize_pipeline(pipe)
+
+
+register(Entry("quantize", _suggest_quant, _validate_quant, _enable_quant, _disable_quant, order=10))
+
+
+# --- off by default (no effect on small models; enable with features=[...]) --------------------------------
+
+def _suggest_bottleneck(trial: Any) -> Settings | None:
+    if not trial.suggest_categorical("bottleneck.on", [False, True]):
+        return None
+    start = round(trial.suggest_float("bottleneck.start", 0.1, 0.5), 3)
+    end = round(trial.suggest_float("bottleneck.end", start + 0.05, 0.95), 3)
+    return {"scales": [1.0, 0.5, 1.0], "boundaries": [start, end]}
+
+
+register(Entry("bottleneck_sampling", _suggest_bottleneck, _config("samplers.bottleneck", "BottleneckConfig"),
+               *_method("bottleneck_sampling"), default=False, order=20,
+               why_not_default="patches the scheduler like the timestep schedule; low-resolution stages need a "
+                               "model trained at several resolutions"))
+
+
+def _suggest_sparse(trial: Any) -> Settings | None:
+    mass = trial.suggest_categorical("sparse.target_mass", [1.0, 0.98, 0.95, 0.9])
+    return None if mass == 1.0 else {"target_mass": mass}
+
+
+register(Entry("sparse_attention", _suggest_sparse, _config("kernels.adaspa", "AdaSpaConfig"),
+               *_method("sparse_attention"), default=False,
+               why_not_default="stays dense below its minimum sequence length (1024 tokens)"))
+
+
+# --- the families other hasten modules add (opt-in here until measured in a tune run) --------------------------
+
+def _suggest_delta_dit(trial: Any) -> Settings | None:
+    if not trial.suggest_categorical("delta_dit.on", [False, True]):
+        return None
+    return {"interval": trial.suggest_int("delta_dit.interval", 2, 4),
+            "boundary": round(trial.suggest_float("delta_dit.boundary", 0.2, 0.8), 3)}
+
+
+def _suggest_profiling_dit(trial: Any) -> Settings | None:
+    if not trial.suggest_categorical("profiling_dit.on", [False, True]):
+        return None
+    return {"threshold": round(trial.suggest_float("profiling_dit.threshold", 0.02, 0.3, log=True), 4)}
+
+
+def _suggest_sada(trial: Any) -> Settings | None:
+    if not trial.suggest_categorical("sada.on", [False, True]):
+        return None
+    return {"max_interval": trial.suggest_int("sada.max_interval", 1, 3),
+            "threshold": round(trial.suggest_float("sada.threshold", -0.5, 0.5), 3)}
+
+
+def _suggest_cachequant(trial: Any) -> Settings | None:
+    """CacheQuant's joint component: quantization plus the cache schedule chosen for it (one searched unit)."""
+    if not trial.suggest_categorical("cachequant.on", [False, True]):
+        return None
+    return {"method": trial.suggest_categorical("cachequant.method", ["int8", "w8a8"]),
+            "speedup": round(trial.suggest_float("cachequant.speedup", 1.2, 3.0), 3)}
+
+
+def _enable_cachequant(pipe: Any, settings: Settings, ctx: Context) -> None:
+    import hasten.pipelines as hp
+
+    prompts = tuple(settings.pop("calibration_prompts", ()) or ctx.calibration_prompts)
+    hp.enable_cachequant(pipe, calibration_prompts=prompts, **settings)
+
+
+for _name, _suggest, _module, _cls in (
+    ("delta_dit", _suggest_delta_dit, "caches.blockcache", "DeltaDiTConfig"),
+    ("profiling_dit", _suggest_profiling_dit, "caches.blockcache", "ProfilingDiTConfig"),
+    ("sada", _suggest_sada, "caches.sada", "SADAConfig"),
+):
+    register(Entry(_name, _suggest, _config(_module, _cls), *_method(_name), default=False, order=60,
+                   why_not_default="added to hasten alongside tune; not yet measured in a tune run"))
+register(Entry("cachequant", _suggest_cachequant, _config("caches.cachequant", "CacheQuantConfig"),
+               _enable_cachequant, _method("cachequant")[1], default=False, order=10,
+               why_not_default="calibrates a cache schedule per trial (slow); the quantize + easycache "
+                               "entries cover the stacked alternative"))
+
+
+def default_features() -> list[str]:
+    return [n for n, e in SPACE.items() if e.default]
+
+
+def entries(names: list[str] | None = None) -> list[Entry]:
+    """The entries named (all default ones if ``names`` is None), in enable order; unknown names raise."""
+    names = default_features() if names is None else list(names)
+    unknown = [n for n in names if n not in SPACE]
+    if unknown:
+        raise ValueError(f"unknown feature(s) {unknown}; known: {', '.join(SPACE)}")
+    return sorted((SPACE[n] for n in names), key=lambda e: e.order)
