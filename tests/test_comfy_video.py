@@ -51,12 +51,12 @@ def video_pipe(weights):
 
 @pytest.fixture(scope="module")
 def diffusers_clip(video_pipe):
-    """diffusers' clip with the Euler flow scheduler (shift 1): the same solver and sigmas as ComfyUI's
-    KSampler euler / normal on this model, so the two must agree to float precision."""
+    """diffusers' clip with the Euler flow scheduler at the model's own flow shift (ComfyUI's loader reads it
+    from the scheduler config): the same solver and sigmas as KSampler euler / normal, so they must agree."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     orig = video_pipe.scheduler
-    video_pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    video_pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=float(orig.config.flow_shift))
     try:
         out = video_pipe(prompt=f"digit {PROMPT[0]} moving {PROMPT[1]}", height=SIZE, width=SIZE, num_frames=FRAMES,
                          num_inference_steps=STEPS, guidance_scale=CFG, output_type="pt",
