@@ -12,12 +12,12 @@ import math
 import os
 import re
 import socket
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from web_tiny import tiny_clips
 
 from hasten import metrics
 from hasten.web import compare
@@ -50,23 +50,8 @@ def reads_three(monkeypatch):
     monkeypatch.setattr(metrics, "digit_classifier", lambda: _ReadsThree())
 
 
-def _embed(text: str) -> torch.Tensor:
-    g = torch.Generator().manual_seed(zlib.crc32(text.encode()))
-    return torch.randn(1, 7, 16, generator=g)
-
-
 def _tiny_generate(pipe, request: GenerationRequest, prompts: list[str], on_step=None) -> torch.Tensor:
-    def cb(_p, step, _t, kw):
-        if on_step is not None:
-            on_step(step)
-        return kw
-
-    out = pipe(prompt_embeds=torch.cat([_embed(p) for p in prompts]),
-               negative_prompt_embeds=torch.cat([_embed(request.negative_prompt)] * len(prompts)),
-               height=16, width=16, num_frames=TINY_FRAMES, num_inference_steps=request.steps,
-               guidance_scale=request.guidance, output_type="pt", callback_on_step_end=cb,
-               generator=[torch.Generator().manual_seed(request.seed + i) for i in range(len(prompts))]).frames
-    return out.float().clamp(0, 1)
+    return tiny_clips(pipe, request, prompts, on_step, frames=TINY_FRAMES)
 
 
 def tiny_video_handle(name: str = compare.EMBEDDED_VIDEO) -> ModelHandle:

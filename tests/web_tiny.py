@@ -16,7 +16,9 @@ def _embed(text: str) -> torch.Tensor:
     return torch.randn(1, 7, 16, generator=g)
 
 
-def _generate(pipe, request: GenerationRequest, prompts: list[str], on_step=None) -> torch.Tensor:
+def tiny_clips(pipe, request: GenerationRequest, prompts: list[str], on_step=None, frames: int = 1) -> torch.Tensor:
+    """(B, frames, C, H, W) in [0, 1] from the tiny pipeline, one seeded generator per prompt."""
+
     def cb(_p, step, _t, kw):
         if on_step is not None:
             on_step(step)
@@ -24,10 +26,14 @@ def _generate(pipe, request: GenerationRequest, prompts: list[str], on_step=None
 
     out = pipe(prompt_embeds=torch.cat([_embed(p) for p in prompts]),
                negative_prompt_embeds=torch.cat([_embed(request.negative_prompt)] * len(prompts)),
-               height=16, width=16, num_frames=1, num_inference_steps=request.steps,
+               height=16, width=16, num_frames=frames, num_inference_steps=request.steps,
                guidance_scale=request.guidance, output_type="pt", callback_on_step_end=cb,
                generator=[torch.Generator().manual_seed(request.seed + i) for i in range(len(prompts))]).frames
-    return out[:, 0].float().clamp(0, 1)
+    return out.float().clamp(0, 1)
+
+
+def _generate(pipe, request: GenerationRequest, prompts: list[str], on_step=None) -> torch.Tensor:
+    return tiny_clips(pipe, request, prompts, on_step)[:, 0]
 
 
 def tiny_handle(name: str = "embedded", digits: bool = True) -> ModelHandle:
