@@ -26,15 +26,23 @@ from typing import Any
 import torch
 
 from .. import metrics
+from . import variants as V
 from .variants import Variant, adaptive_guidance, baseline, combo, hasten_easycache, sparse_attention
 
-# the variants both modes compare (rebuilt by name in every spawned rank: variants hold closures)
-MAIN_VARIANTS: dict[str, Callable[[], Variant]] = {
-    "baseline": baseline,
-    "hasten-easycache@0.2": lambda: hasten_easycache(0.2),
-    "hasten-ag@0.993": lambda: adaptive_guidance(0.993),
-    "hasten-sparse@0.95": lambda: sparse_attention(0.95),
-    "hasten-easycache+ag": lambda: combo("hasten-easycache+ag", hasten_easycache(0.2), adaptive_guidance(0.993)),
+# the variants both modes compare, built from the run's step count (rebuilt by name in every spawned rank:
+# variants hold closures). One row per feature of the README's compatibility table.
+MAIN_VARIANTS: dict[str, Callable[[int], Variant]] = {
+    "baseline": lambda steps: baseline(),
+    "hasten-easycache@0.2": lambda steps: hasten_easycache(0.2),
+    "hasten-ag@0.993": lambda steps: adaptive_guidance(0.993),
+    "hasten-sparse@0.95": lambda steps: sparse_attention(0.95),
+    "hasten-easycache+ag": lambda steps: combo("hasten-easycache+ag", hasten_easycache(0.2), adaptive_guidance(0.993)),
+    "hasten-bottleneck@0.5": lambda steps: V.bottleneck(0.5),
+    "hasten-delta-dit@2": lambda steps: V.delta_dit(2),
+    "hasten-profiling-dit@0.3-r2": lambda steps: V.profiling_dit(0.3),
+    "hasten-sada@1": lambda steps: V.sada(1),
+    # calibrated once per process (each rank of --parallel calibrates its own copy, outside the timed loop)
+    "hasten-cachequant-int8@60%": lambda steps: V.cachequant("int8", max(2, round(0.6 * steps)), steps),
 }
 
 
@@ -59,9 +67,9 @@ class ParallelRow:
 
 
 def _measure(pipe: Any, names: Sequence[str], generate: Callable[[Any, int], torch.Tensor], seeds: Sequence[int],
-             repeats: int) -> dict[str, dict[str, Any]]:
+             repeats: int, steps: int) -> dict[str, dict[str, Any]]:
     """Interleaved A B C A B C ... timing; the first repeat's images are kept. Per name: times, images, error."""
-    variants = {n: MAIN_VARIANTS[n]() for n in names}
+    variants = {n: MAIN_VARIANTS[n](steps) for n in names}
     out: dict[str, dict[str, Any]] = {n: {"times": [], "images": None, "error": None} for n in names}
     for _ in range(repeats):
         for name, v in variants.items():
@@ -116,7 +124,7 @@ def _rank_main(rank: int, world: int, init: str, out: str, names: list[str], dig
         pipe = load_embedded(device=dev)
         pipe.set_progress_bar_config(disable=True)
         pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
-        res = _measure(pipe, names, _digits_generate(digits, steps, guidance), seeds, repeats)
+        res = _measure(pipe, names, _digits_generate(digits, steps, guidance), seeds, repeats, steps)
         torch.save(res, f"{out}.rank{rank}")
     finally:
         torch.distributed.destroy_process_group()
@@ -144,7 +152,7 @@ def run_parallel(world: int, digits: Sequence[int], steps: int, guidance: float,
     names = list(names)
     pipe = load_embedded(device=device)
     pipe.set_progress_bar_config(disable=True)
-    single = _measure(pipe, names, _digits_generate(digits, steps, guidance), list(seeds), repeats)
+    single = _measure(pipe, names, _digits_generate(digits, steps, guidance), list(seeds), repeats, steps)
     del pipe
     with tempfile.TemporaryDirectory(prefix="hasten-parallel-") as tmp:
         out, store = os.path.join(tmp, "ranks.pt"), os.path.join(tmp, "rendezvous")
@@ -195,8 +203,8 @@ def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def compile_variants(pipe: Any, backend: str = "inductor", names: Sequence[str] = tuple(MAIN_VARIANTS)
-                     ) -> list[Variant]:
+def compile_variants(pipe: Any, backend: str = "inductor", names: Sequence[str] = tuple(MAIN_VARIANTS),
+                     steps: int = 20) -> list[Variant]:
     """The eager baseline, then ``compiled`` and ``compiled+<variant>`` for each name (switching the compiled
     call of ``pipe.transformer`` on and off), each warmed up once before timing; ``settings["graphs_timed"]``
     is filled after the bench with the graphs compiled during its timed repeats."""
@@ -212,7 +220,7 @@ def compile_variants(pipe: Any, backend: str = "inductor", names: Sequence[str] 
 
     out = [baseline()]
     for name in names:
-        inner = MAIN_VARIANTS[name]()
+        inner = MAIN_VARIANTS[name](steps)
         label = "compiled" if name == "baseline" else f"compiled+{name}"
         settings = {"backend": backend, **({"hasten": inner.settings} if name != "baseline" else {})}
 
@@ -245,13 +253,13 @@ def compile_variants(pipe: Any, backend: str = "inductor", names: Sequence[str] 
 
 def run_compile(pipe: Any, generate: Callable[[Any, int], torch.Tensor], seeds: Sequence[int],
                 targets: Sequence[int] | None, repeats: int = 3, backend: str = "inductor", progress: bool = True,
-                names: Sequence[str] = tuple(MAIN_VARIANTS)) -> tuple[list[Any], dict[str, Any]]:
+                names: Sequence[str] = tuple(MAIN_VARIANTS), steps: int = 20) -> tuple[list[Any], dict[str, Any]]:
     """Bench rows (eager baseline first) and compile facts: first-generation (compile) seconds per variant and
     the graphs compiled during the timed repeats (must be 0)."""
     from .runner import run_bench
 
     torch._dynamo.reset()
-    variants = compile_variants(pipe, backend, names)
+    variants = compile_variants(pipe, backend, names, steps)
     before = _graphs()
     rows = run_bench(pipe, variants, generate, seeds=list(seeds), targets=targets, repeats=repeats, progress=progress)
     facts = variants[0].settings.pop("compile")
@@ -309,7 +317,8 @@ def run_cli(args: Any) -> int:
         pipe = load_embedded(device=args.device)
         pipe.set_progress_bar_config(disable=True)
         gen = _digits_generate(digits, steps, guidance)
-        rows, facts = run_compile(pipe, gen, seeds, digits, repeats, args.compile, not args.no_progress, names)
+        rows, facts = run_compile(pipe, gen, seeds, digits, repeats, args.compile, not args.no_progress, names,
+                                  steps)
         path = out / "bench_compile.json"
         path.write_text(json.dumps({"meta": {**meta, "backend": args.compile, **facts,
                                              "bench_seconds": time.perf_counter() - t0},

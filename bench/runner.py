@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import metrics
+from ..kernels.eager import eager
 from ..quant import weight_memory
 from .variants import Variant
 
@@ -70,7 +71,8 @@ class ForwardCounter:
         self.probes = probes
         self.rows = 0
         self.tokens = 0
-        self._handles = [p.register_forward_pre_hook(self._hook) for p in probes]
+        # counted eagerly: a Python counter inside a compiled region would recompile on every new value
+        self._handles = [p.register_forward_pre_hook(eager(self._hook)) for p in probes]
 
     def _hook(self, module: torch.nn.Module, args: tuple) -> None:
         x = args[0]

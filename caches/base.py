@@ -174,6 +174,17 @@ class BranchRuns:
         self._branches, self._members, self._slots = {}, {}, {}
         return stats
 
+    def _peers(self, group: Hashable, key: BranchKey) -> list[BranchKey]:
+        """The other branches of batch item ``group`` whose state still speaks for this call: those asked at the
+        item's previous call. A branch the pipeline stopped calling (adaptive guidance dropping the uncond
+        pass) keeps stale state that always asks to compute; consulting it would stop the item from ever
+        reusing again."""
+        members = self._members.setdefault(group, [])
+        if key not in members:
+            members.append(key)
+        slot = self._slots.get(group)
+        return [m for m in members if m != key and (slot is None or m in slot[2])]
+
     def current_stats(self) -> RunStats:
         return RunStats(method=self.method, num_steps=self._num_steps,
                         branches={b.stats.label: b.stats for b in self._branches.values()})

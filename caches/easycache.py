@@ -10,7 +10,8 @@ Per branch, at each call t with input x_t:
 
 With ``forecast`` (TaylorSeer/FoCa-style forecasting reuse) a skipped call does not reuse the last Δ as a
 constant: Δ is extrapolated in step index from the last 2 (``"linear"``) or 3 (``"quadratic"``) computed
-ones, Δ̂(t) = Σ_i Δ(s_i) Π_{j≠i} (t − s_j)/(s_i − s_j) (the Lagrange polynomial through them).
+ones, Δ̂(t) = Σ_i Δ(s_i) Π_{j≠i} (t − s_j)/(s_i − s_j) (the Lagrange polynomial through them; one
+implementation in :mod:`hasten.caches.forecast`, shared with the block caches and SADA).
 
 Warm-up steps and the final step(s) are always computed, and a cap bounds consecutive reuses. If the
 output does not have the input's shape (e.g. PixArt's learned-sigma channels) the cached output is
@@ -31,22 +32,7 @@ import torch
 
 from ..validation import check_bool, check_choice, check_float, check_int
 from .base import BranchKey, BranchRuns, BranchStats, mean_abs
-
-FORECASTS = ("none", "linear", "quadratic")
-_ORDER = {"none": 0, "linear": 1, "quadratic": 2}
-
-
-def lagrange_extrapolate(points: list[tuple[float, torch.Tensor]], t: float) -> torch.Tensor:
-    """Value at ``t`` of the polynomial through ``points`` ((position, tensor) pairs, distinct positions),
-    computed in float32: P(t) = Σ_i y_i Π_{j≠i} (t − t_j)/(t_i − t_j)."""
-    out = torch.zeros_like(points[0][1], dtype=torch.float32)
-    for i, (ti, yi) in enumerate(points):
-        w = 1.0
-        for j, (tj, _) in enumerate(points):
-            if j != i:
-                w *= (t - tj) / (ti - tj)
-        out += w * yi.float()
-    return out
+from .forecast import FORECASTS, ORDER, forecast, lagrange_extrapolate, push  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -104,10 +90,13 @@ class _Branch:
     step: int = 0  # step index of the current call
     past: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, Δ) of recent computed calls
 
-    def forget(self) -> None:
-        """Drop cached tensors (statistics stay)."""
+    def forget(self, keep_rate: bool = False) -> None:
+        """Drop cached tensors (statistics stay). ``keep_rate``: keep the transformation rate k, a ratio of
+        mean relative changes that does not depend on the latent's size, so after a resolution change
+        (bottleneck sampling's stages) one computed step is enough to reuse again instead of two."""
         self.prev_x = self.last_x = self.last_out = self.delta = None
-        self.rate, self.accum, self.consecutive = None, 0.0, 0
+        self.rate = self.rate if keep_rate else None
+        self.accum, self.consecutive = 0.0, 0
         self.past = []
 
 
@@ -159,7 +148,7 @@ class EasyCache(BranchRuns):
             b = self._branches[key] = _Branch(stats=BranchStats(label=label or str(key)))
         elif b.prev_x is not None and (b.prev_x.shape != x.shape or b.prev_x.dtype != x.dtype
                                        or b.prev_x.device != x.device):
-            b.forget()  # new shape: old cache is meaningless
+            b.forget(keep_rate=b.prev_x.shape[:2] == x.shape[:2])  # new size: cached tensors are meaningless
         compute, accum = self._wants_compute(b, x, step, num_steps)
         if group is not None and self.config.sync_branches:
             compute = self._group_decision(group, key, x, step, num_steps, compute)
@@ -174,12 +163,10 @@ class EasyCache(BranchRuns):
                         num_steps: int | None, own: bool) -> bool:
         """One decision per batch item and call: the first branch asked evaluates every known branch of
         the item on this input (CFG branches share the latent) and the others follow."""
-        members = self._members.setdefault(group, [])
-        if key not in members:
-            members.append(key)
+        peers = self._peers(group, key)  # only branches still called (not one adaptive guidance dropped)
         slot = self._slots.get(group)
         if slot is None or slot[0] != step or key in slot[2]:
-            others = (self._wants_compute(self._branches[m], x, step, num_steps)[0] for m in members if m != key)
+            others = (self._wants_compute(self._branches[m], x, step, num_steps)[0] for m in peers)
             slot = (step, own or any(others), set())
             self._slots[group] = slot
         slot[2].add(key)
@@ -193,10 +180,10 @@ class EasyCache(BranchRuns):
         b.consecutive += 1
         if not b.residual:
             return b.delta.clone()
-        order = min(_ORDER[self.config.forecast], len(b.past) - 1)
-        if order <= 0:
+        est = forecast(b.past, b.step, ORDER[self.config.forecast])
+        if est is None:
             return x + b.delta.to(x.dtype)
-        return (x.float() + lagrange_extrapolate(b.past[-order - 1 :], float(b.step))).to(x.dtype)
+        return (x.float() + est).to(x.dtype)
 
     def remember(self, key: BranchKey, x: torch.Tensor, out: torch.Tensor) -> None:
         """Store a computed output and update the transformation rate k."""
@@ -212,9 +199,5 @@ class EasyCache(BranchRuns):
         b.residual = out.shape == x.shape
         b.delta = (out - x) if b.residual else b.last_out
         b.consecutive = 0
-        if b.residual and _ORDER[self.config.forecast]:
-            if b.past and b.past[-1][0] > b.step:  # the step index went back (a new pass): restart
-                b.past = []
-            if b.past and b.past[-1][0] == b.step:  # a 2nd-order sampler's second call: the newer one counts
-                b.past.pop()
-            b.past = [*b.past[-_ORDER[self.config.forecast] :], (b.step, b.delta.float())]
+        if b.residual and ORDER[self.config.forecast]:
+            b.past = push(b.past, b.step, b.delta.float(), ORDER[self.config.forecast])

@@ -33,7 +33,7 @@ import torch
 
 from ..validation import check_bool, check_float, check_int
 from .base import BranchKey, BranchRuns, BranchStats
-from .easycache import lagrange_extrapolate
+from .forecast import forecast, push
 
 
 @dataclass
@@ -152,12 +152,10 @@ class SADA(BranchRuns):
     def _group_decision(self, group: Hashable, key: BranchKey, x: torch.Tensor, step: int,
                         num_steps: int | None, own: bool) -> bool:
         """One decision per batch item and call: compute when any known branch of the item must."""
-        members = self._members.setdefault(group, [])
-        if key not in members:
-            members.append(key)
+        peers = self._peers(group, key)  # only branches still called (not one adaptive guidance dropped)
         slot = self._slots.get(group)
         if slot is None or slot[0] != step or key in slot[2]:
-            others = (self._wants_compute(self._branches[m], x, step, num_steps) for m in members if m != key)
+            others = (self._wants_compute(self._branches[m], x, step, num_steps) for m in peers)
             slot = (step, own or any(others), set())
             self._slots[group] = slot
         slot[2].add(key)
@@ -167,19 +165,13 @@ class SADA(BranchRuns):
         """The skipped call's output, extrapolated in step index from the last computed outputs."""
         b = self._branches[key]
         b.skipped += 1
-        pts = b.past[-(min(self.config.order, len(b.past) - 1) + 1):]
-        if len(pts) == 1:
-            return pts[0][1].to(x.dtype).clone()
-        return lagrange_extrapolate(pts, float(b.step)).to(x.dtype)
+        est = forecast(b.past, b.step, self.config.order)
+        return b.past[-1][1].to(x.dtype).clone() if est is None else est.to(x.dtype)
 
     def remember(self, key: BranchKey, x: torch.Tensor, out: torch.Tensor) -> None:
         """Store a computed output (the solver's gradient estimate at this step)."""
         b = self._branches[key]
-        if b.past and b.past[-1][0] > b.step:  # the step index went back (a new pass): restart
-            b.past = []
-        if b.past and b.past[-1][0] == b.step:  # a 2nd-order sampler's second call: the newer one counts
-            b.past.pop()
-        b.past = [*b.past[-2:], (b.step, out.detach().float().clone())]
+        b.past = push(b.past, b.step, out.detach().float().clone(), 2)  # 3 points: the stability test needs them
         b.shape, b.dtype, b.device = tuple(x.shape), x.dtype, x.device
         b.skipped = 0
         m = self.stability(b)

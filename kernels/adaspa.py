@@ -11,6 +11,12 @@ Search (at a dense step, which yields the exact LSE of every query):
 Designated dense token ranges (text tokens of joint attention) are always kept: their key blocks are
 visited by every query block and their query blocks visit every key block. The paper observes the
 pattern and LSE are nearly invariant across steps, so the pattern is reused until the next refresh.
+
+Options beyond the paper (defaults off): ``dense_final_steps`` runs the last steps of a run dense (the
+detail-forming steps, where the output is most sensitive), and ``remainder="pooled"`` lets every skipped
+key block still contribute through one pooled token (its mean key and value, weighted by its token count)
+instead of nothing: where attention is spread out (video models), most of the mass lives in many mid-weight
+blocks, and their pooled contribution recovers much of the error at the cost of one (S_q x KB) product.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import torch
 
 from ..validation import check_bool, check_choice, check_float, check_int
 from .block_sparse import BlockSparsePattern, block_sparse_attention
-from .flash_attention import flash_attention, triton_problem
+from .eager import eager
+from .flash_attention import flash_attention, key_valid, triton_problem
 
 DenseRanges = tuple[tuple[int, int], ...]
 
@@ -45,6 +52,8 @@ class AdaSpaConfig:
     enabled: bool = True
     backend: str = "auto"
     measure_error: bool = False  # diagnostics: also run dense at sparse steps, record relative error per layer
+    dense_final_steps: int = 0  # the last N steps of a run stay dense (needs the run's step count)
+    remainder: str = "drop"  # skipped key blocks: "drop" (AdaSpa) or "pooled" (one mean key/value token each)
 
     def __post_init__(self) -> None:
         own = "AdaSpaConfig"
@@ -59,6 +68,8 @@ class AdaSpaConfig:
         self.enabled = check_bool(own, "enabled", self.enabled)
         self.measure_error = check_bool(own, "measure_error", self.measure_error)
         self.backend = check_choice(own, "backend", self.backend, ("auto", "triton", "torch"))
+        self.dense_final_steps = check_int(own, "dense_final_steps", self.dense_final_steps, lo=0)
+        self.remainder = check_choice(own, "remainder", self.remainder, ("drop", "pooled"))
         if self.backend == "triton":
             problem = triton_problem()
             if problem:
@@ -115,6 +126,35 @@ def block_coverage(lse_sparse: torch.Tensor, lse_dense: torch.Tensor, block_size
     cov = torch.exp((lse_sparse - lse_dense).clamp(max=0.0))
     cov = torch.nn.functional.pad(cov, (0, nb * block_size - S), value=float("nan")).view(B, H, nb, block_size)
     return cov.nanmean(-1)
+
+
+def pooled_remainder(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, out: torch.Tensor,
+    lse: torch.Tensor, scale: float | None = None, kv_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out`` (over the kept blocks, with its ``lse``) plus every skipped key block as one pooled token.
+
+    A skipped block ``kb`` of ``n`` valid keys contributes ``n * exp(q . mean_k * scale)`` with value
+    ``mean_v``; both parts are merged by their log-sum-exp. ``kv_valid`` (B, S_k) bool marks padding keys.
+    """
+    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    B, H, Sq, D = q.shape
+    Sk, bs = k.shape[2], pattern.block_size
+    KB, pad = -(-Sk // bs), -(-Sk // bs) * bs - Sk
+    ok = torch.ones(B, Sk, dtype=torch.bool, device=q.device) if kv_valid is None else kv_valid.to(q.device)
+    w = torch.nn.functional.pad(ok.float(), (0, pad)).view(B, 1, KB, bs, 1)
+    count = w.sum(3)  # (B, 1, KB, 1)
+    km = (torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(B, H, KB, bs, D) * w).sum(3) / count.clamp_min(1)
+    vm = (torch.nn.functional.pad(v.float(), (0, 0, 0, pad)).view(B, H, KB, bs, D) * w).sum(3) / count.clamp_min(1)
+    logits = torch.matmul(q.float(), km.transpose(-1, -2)) * s + count.view(B, 1, 1, KB).log()
+    kept = pattern.block_mask().to(q.device).repeat_interleave(bs, dim=2)[:, :, :Sq]  # (B, H, S_q, KB)
+    logits = logits.masked_fill(kept, float("-inf"))
+    lse_r = torch.logsumexp(logits, dim=-1)  # -inf where nothing was skipped
+    out_r = torch.matmul(torch.exp(logits - lse_r.unsqueeze(-1)).nan_to_num(0.0), vm)
+    total = torch.logaddexp(lse.float(), lse_r)
+    a = torch.exp(lse.float() - total).nan_to_num(0.0).unsqueeze(-1)
+    b = torch.exp(lse_r - total).nan_to_num(0.0).unsqueeze(-1)
+    return (out.float() * a + out_r * b).to(out.dtype)
 
 
 def search_pattern(
@@ -252,10 +292,13 @@ class AdaSpa:
         self.patterns: dict[tuple[Any, Any], BlockSparsePattern] = {}
         self.stats = AdaSpaStats()
         self.last_run: AdaSpaStats | None = None
+        self.num_steps: int | None = None
 
-    def begin_run(self) -> None:
+    def begin_run(self, num_steps: int | None = None) -> None:
+        """Start a run of ``num_steps`` steps (None: unknown; then ``dense_final_steps`` cannot apply)."""
         self.patterns = {}
         self.stats = AdaSpaStats()
+        self.num_steps = num_steps
 
     def end_run(self) -> AdaSpaStats | None:
         """Close the run; returns its statistics if it made any attention call (else None)."""
@@ -280,8 +323,11 @@ class AdaSpa:
         c = self.config
         if c.off or seq_len < c.min_seq_len or step < c.warmup_steps:
             return "dense"
+        if c.dense_final_steps and self.num_steps is not None and step >= self.num_steps - c.dense_final_steps:
+            return "dense"
         return "search" if self.is_search_step(step) else "sparse"
 
+    @eager  # decisions branch on per-layer Python state: never traced (no per-layer recompiles)
     def attend(
         self, layer: Any, rows: list[Any], step: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scale: float | None = None, dense_ranges: DenseRanges = (), kv_lens: torch.Tensor | None = None,
@@ -310,7 +356,9 @@ class AdaSpa:
             self.stats.sparse_calls += 1
             self.stats.blocks_kept += int(pattern.kv_num_blocks.sum().item())
             self.stats.blocks_total += pattern.kv_num_blocks.numel() * pattern.num_key_blocks
-            out, _ = block_sparse_attention(q, k, v, pattern, scale, self.config.backend, kv_lens, kv_mask)
+            out, lse = block_sparse_attention(q, k, v, pattern, scale, self.config.backend, kv_lens, kv_mask)
+            if self.config.remainder == "pooled":
+                out = pooled_remainder(q, k, v, pattern, out, lse, scale, key_valid(kv_lens, kv_mask, k.shape[2], q.device))
             if self.config.measure_error:
                 ref, _ = flash_attention(q, k, v, scale, self.config.backend, kv_lens=kv_lens, kv_mask=kv_mask)
                 err = float(((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item())

@@ -27,6 +27,7 @@ from ..caches.blockcache import (
     ProfilingDiTConfig,
     StepPlan,
 )
+from ..caches.forecast import FORECASTS
 from .runs import batch_rows, last_run_stats, num_steps_of, rewrap, scoped_run, step_index
 from .schema import CATEGORY, advanced, fail, io
 
@@ -41,6 +42,9 @@ SUPPORTED = ("ComfyUI models whose blocks go through patches_replace['dit'] (Wan
 
 _DD = DeltaDiTConfig()
 _PD = ProfilingDiTConfig()
+FORECAST_TOOLTIP = ("How a reused span's residual is estimated: 'none' adds the last computed one, 'linear'/"
+                    "'quadratic' extrapolate it from the span's last 2/3 computed steps (TaylorSeer/FoCa-style "
+                    "forecasting; more faithful at the same work).")
 
 
 @dataclass
@@ -157,11 +161,17 @@ class _BlockPatch:
         if role is not None and role[0] == "reuse" and names is not None:
             span = role[1]
             out = {k: args[k] for k in names}
+            if self.index == span[0] and span[1] - span[0] > 1:  # a ControlNet adds to the passed-through
+                run.span_inputs[span] = _copies(args, names)  # streams in place: keep the span's real input
             if self.index == span[1] - 1:
+                start = run.span_inputs.pop(span, out)
                 live = [k for k in names if out[k] is not None]
-                for k, v in zip(live, run.cache.reuse(run.keys, span, [out[k] for k in live]), strict=True):
+                for k, v in zip(live, run.cache.reuse(run.keys, span, [start[k] for k in live]), strict=True):
                     out[k] = v
             return out
+        # Flux/HunyuanVideo blocks update their input streams in place (``img += ...``): copy what is read after
+        first = role is not None and self.index == role[1][0]
+        before = _copies(args, names) if plan.profile or first else args
         out = original(args)
         run.block_forwards += len(run.keys)
         if names is None:
@@ -173,11 +183,11 @@ class _BlockPatch:
                                        f"of its inputs; block caching supports {SUPPORTED}")
         live = [k for k in names if out[k] is not None]
         if plan.profile:
-            run.cache.observe(run.keys, self.index, [args[k] for k in live], [out[k] for k in live])
+            run.cache.observe(run.keys, self.index, [before[k] for k in live], [out[k] for k in live])
         if role is not None:
             span = role[1]
             if self.index == span[0]:
-                run.span_inputs[span] = {k: args[k] for k in args if torch.is_tensor(args[k])}
+                run.span_inputs[span] = {k: before[k] for k in before if torch.is_tensor(before[k])}
             if self.index == span[1] - 1:
                 start = run.span_inputs.pop(span, {})
                 if any(k not in start for k in live):
@@ -185,6 +195,11 @@ class _BlockPatch:
                                            f"block caching supports {SUPPORTED}")
                 run.cache.remember(run.keys, span, [start[k] for k in live], [out[k] for k in live])
         return out
+
+
+def _copies(args: dict, names: list[str] | None) -> dict:
+    """Copies of the block's tensor inputs (``names``' streams, or all of them before the layout is known)."""
+    return {k: v.clone() for k, v in args.items() if torch.is_tensor(v) and (names is None or k in names)}
 
 
 def find_blocks(diffusion_model: torch.nn.Module) -> tuple[str, int, str]:
@@ -248,15 +263,18 @@ class HastenDeltaDiT(io.ComfyNode):
                                        "blocks."),
                 io.Float.Input("warmup", default=_DD.warmup, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the steps always computed at the start.", **advanced()),
+                io.Combo.Input("forecast", options=list(FORECASTS), default=_DD.forecast, tooltip=FORECAST_TOOLTIP,
+                               optional=True, **advanced()),
             ],
             outputs=[io.Model.Output(tooltip="The MODEL with Δ-DiT; connect it to any sampler.")],
         )
 
     @classmethod
     def execute(cls, model: Any, interval: int = _DD.interval, num_cached_blocks: int = 0,
-                boundary: float = _DD.boundary, warmup: float = _DD.warmup) -> io.NodeOutput:
+                boundary: float = _DD.boundary, warmup: float = _DD.warmup,
+                forecast: str = _DD.forecast) -> io.NodeOutput:
         config = DeltaDiTConfig(num_cached_blocks=num_cached_blocks or None, boundary=boundary, interval=interval,
-                                warmup=warmup)
+                                warmup=warmup, forecast=forecast)
         return io.NodeOutput(patch_model(model, DELTA_NAME, lambda: DeltaDiT(config)))
 
 
@@ -282,14 +300,16 @@ class HastenProfilingDiT(io.ComfyNode):
                                tooltip="Fraction of the first steps computed and profiled."),
                 io.Int.Input("max_reuse", default=_PD.max_reuse, min=1, max=20,
                              tooltip="A cached block is reused at most this many steps in a row.", **advanced()),
+                io.Combo.Input("forecast", options=list(FORECASTS), default=_PD.forecast, tooltip=FORECAST_TOOLTIP,
+                               optional=True, **advanced()),
             ],
             outputs=[io.Model.Output(tooltip="The MODEL with ProfilingDiT; connect it to any sampler.")],
         )
 
     @classmethod
     def execute(cls, model: Any, threshold: float = _PD.threshold, profile: float = _PD.profile,
-                max_reuse: int = _PD.max_reuse) -> io.NodeOutput:
-        config = ProfilingDiTConfig(threshold=threshold, profile=profile, max_reuse=max_reuse)
+                max_reuse: int = _PD.max_reuse, forecast: str = _PD.forecast) -> io.NodeOutput:
+        config = ProfilingDiTConfig(threshold=threshold, profile=profile, max_reuse=max_reuse, forecast=forecast)
         return io.NodeOutput(patch_model(model, PROFILING_NAME, lambda: ProfilingDiT(config)))
 
 

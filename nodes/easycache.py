@@ -15,6 +15,7 @@ even chunk layout), so a reuse really saves work even when the rows of the batch
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from ..caches import EasyCache, EasyCacheConfig, RunStats, run_cached
 from ..caches.easycache import FORECASTS
 from .runs import ROWS_KEY, batch_rows, last_run_stats, num_steps_of, rewrap, scoped_run, step_index
-from .schema import CATEGORY, advanced, io
+from .schema import CATEGORY, advanced, fail, io
 
 log = logging.getLogger("hasten")
 NAME = "EasyCache (hasten)"
@@ -220,13 +221,50 @@ def _check_hookable(model: Any) -> None:
         raise UnsupportedModelError(msg)
 
 
+BLOCK_CACHE_KEY = "hasten_blockcache"  # nodes/blockcache.py's wrapper key (imported lazily there: no cycle)
+
+
+def refuse_other_step_cache(model: Any, name: str, own_wrapper: Any) -> None:
+    """Node error when ``model`` already carries another hasten step cache (EasyCache, SADA, CacheQuant).
+
+    They share one wrapper key, so the new node would silently replace the other; and stacked, one would
+    treat the other's estimates as real forwards. One step cache per MODEL (a block cache may join it).
+    """
+    import comfy.patcher_extension as pe
+
+    getter = getattr(model, "get_wrappers", None)
+    fns = list(getter(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)) if getter is not None else []
+    others = [f for f in fns if f is not own_wrapper]
+    if others:
+        mod = sys.modules.get(getattr(others[0], "__module__", ""), None)
+        other = getattr(mod, "NAME", "another hasten step cache")
+        fail(name, f"the MODEL already goes through {other}; two step-level caches never stack (each decides per "
+                   f"step whether the model runs, and one would take the other's estimates for real forwards). "
+                   f"Use one of them; a block cache node (Δ-DiT / ProfilingDiT) can be combined with either.")
+
+
+def step_cache_outermost(m: Any) -> Any:
+    """Put a block cache's wrappers (if any) inside the step cache's: a step that the step cache skips then
+    never reaches the blocks, and the block cache sees the step cache's partial batches with their rows named."""
+    import comfy.patcher_extension as pe
+
+    for kind in (pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.APPLY_MODEL):
+        fns = list(m.get_wrappers(kind, BLOCK_CACHE_KEY))
+        if fns:
+            m.remove_wrappers_with_key(kind, BLOCK_CACHE_KEY)
+            for fn in fns:
+                m.add_wrapper_with_key(kind, BLOCK_CACHE_KEY, fn)
+    return m
+
+
 def patch_model(model: Any, config: EasyCacheConfig, verbose: bool = False) -> Any:
     """A clone of ``model`` with EasyCache wrappers under one key (re-patching replaces, never stacks)."""
     _check_hookable(model)
     import comfy.patcher_extension as pe
 
-    m = rewrap(model, WRAPPER_KEY, {pe.WrappersMP.OUTER_SAMPLE: outer_sample_wrapper,
-                                     pe.WrappersMP.APPLY_MODEL: apply_model_wrapper})
+    refuse_other_step_cache(model, NAME, outer_sample_wrapper)
+    m = step_cache_outermost(rewrap(model, WRAPPER_KEY, {pe.WrappersMP.OUTER_SAMPLE: outer_sample_wrapper,
+                                                         pe.WrappersMP.APPLY_MODEL: apply_model_wrapper}))
     m.model_options.setdefault("transformer_options", {})[HOLDER_KEY] = EasyCacheHolder(config, verbose)
     return m
 

@@ -194,28 +194,81 @@ def decode_latents(latents: torch.Tensor, model: str = "image") -> torch.Tensor:
     return frames.permute(0, 2, 3, 4, 1).reshape(-1, *frames.shape[3:], 3).contiguous()
 
 
+# -- node schemas: the image and the video model's nodes differ only in names, texts and the clip inputs ----------
+def _schema(node_id: str, display_name: str, description: str, inputs: list, outputs: list) -> io.Schema:
+    """The schema of one embedded-model node (all live in :data:`CATEGORY`)."""
+    return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
+                     inputs=inputs, outputs=outputs)
+
+
+def _loader_schema(node_id: str, display_name: str, description: str, output_tooltip: str) -> io.Schema:
+    """A loader node: the weight precision in, the ComfyUI MODEL out."""
+    return _schema(node_id, display_name, description + " Shipped with the pack, no download.",
+                   [io.Combo.Input("weight_dtype", options=list(DTYPES), default="float32",
+                                   tooltip="Precision of the transformer weights.", **advanced())],
+                   [io.Model.Output(tooltip=output_tooltip)])
+
+
+def _latent_schema(node_id: str, display_name: str, description: str, what: str, extra: list,
+                   output_tooltip: str) -> io.Schema:
+    """An empty-latent node: ``extra`` inputs (the clip length), then size and batch size."""
+    return _schema(node_id, display_name, description, [
+        *extra,
+        io.Int.Input("size", default=32, min=8, max=256, step=8,
+                     tooltip=f"{what.capitalize()} width and height in pixels (the model was trained at 32)."),
+        io.Int.Input("batch_size", default=1, min=1, max=64, tooltip=f"{'Clips' if extra else 'Images'} per batch."),
+    ], [io.Latent.Output(tooltip=output_tooltip)])
+
+
+def _decode_schema(node_id: str, display_name: str, description: str, input_tooltip: str,
+                   output_tooltip: str) -> io.Schema:
+    """A decode node: the sampler's LATENT in, IMAGE out."""
+    return _schema(node_id, display_name, description, [io.Latent.Input("samples", tooltip=input_tooltip)],
+                   [io.Image.Output(tooltip=output_tooltip)])
+
+
+def _load(node: str, model: str, weight_dtype: str) -> io.NodeOutput:
+    return io.NodeOutput(load_comfy_model(_checked_dir(node, model), dtype=DTYPES[weight_dtype], model=model))
+
+
+def _empty_latent(node: str, model: str, frames: int, size: int, batch_size: int) -> io.NodeOutput:
+    """Zeros of shape batch x channels x frames x size/f x size/f (f: the VAE's spatial factor)."""
+    cfg = _config("vae", root=_checked_dir(node, model))
+    factor = int(cfg.get("scale_factor_spatial", 8))
+    if size % (2 * factor):
+        fail(node, f"size must be a multiple of {2 * factor} (VAE factor {factor} x patch 2), got {size}", ValueError)
+    shape = (batch_size, int(cfg["z_dim"]), frames, size // factor, size // factor)
+    return io.NodeOutput({"samples": torch.zeros(shape), "downscale_ratio_spacial": factor})
+
+
+def _decode(node: str, model: str, samples: dict) -> io.NodeOutput:
+    _checked_dir(node, model)
+    return io.NodeOutput(decode_latents(samples["samples"], model=model))
+
+
+LOADER_NAME = "Load Embedded Digit Model (hasten)"
+LATENT_NAME = "Empty Digit Latent (hasten)"
+DECODE_NAME = "Decode Digits (hasten)"
+VIDEO_LOADER_NAME = "Load Embedded Digit Video Model (hasten)"
+VIDEO_LATENT_NAME = "Empty Digit Video Latent (hasten)"
+VIDEO_DECODE_NAME = "Decode Digit Video (hasten)"
+
+
 class HastenEmbeddedLoader(io.ComfyNode):
     """Load hasten's embedded, trained digit model (the weights the bench and the demo use)."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="HastenEmbeddedLoader",
-            display_name="Load Embedded Digit Model (hasten)",
-            category=CATEGORY,
-            description=("Loads hasten's small trained text-to-image model (a Wan 2.1 transformer, 32x32 "
-                         "handwritten digits from prompts \"digit 0\" .. \"digit 9\"). Shipped with the pack, "
-                         "no download; try every hasten node on it in seconds on a CPU."),
-            inputs=[io.Combo.Input("weight_dtype", options=list(DTYPES), default="float32",
-                                   tooltip="Precision of the transformer weights.", **advanced())],
-            outputs=[io.Model.Output(tooltip="The embedded model as a ComfyUI MODEL (Wan 2.1 text-to-video, "
-                                             "one frame); sample it with any sampler, 20 steps, CFG 4.")],
-        )
+        return _loader_schema(
+            "HastenEmbeddedLoader", LOADER_NAME,
+            "Loads hasten's small trained text-to-image model (a Wan 2.1 transformer, 32x32 handwritten digits "
+            "from prompts \"digit 0\" .. \"digit 9\"); try every hasten node on it in seconds on a CPU.",
+            "The embedded model as a ComfyUI MODEL (Wan 2.1 text-to-video, one frame); sample it with any "
+            "sampler, 20 steps, CFG 4.")
 
     @classmethod
     def execute(cls, weight_dtype: str = "float32") -> io.NodeOutput:
-        _checked_dir("Load Embedded Digit Model (hasten)", "image")
-        return io.NodeOutput(load_comfy_model(dtype=DTYPES[weight_dtype]))
+        return _load(LOADER_NAME, "image", weight_dtype)
 
 
 class HastenDigitPrompt(io.ComfyNode):
@@ -223,16 +276,13 @@ class HastenDigitPrompt(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="HastenDigitPrompt",
-            display_name="Digit Prompt (hasten)",
-            category=CATEGORY,
-            description=("Encodes a prompt with the embedded model's own text encoder. The model knows "
-                         "\"digit 0\" .. \"digit 9\"; the empty prompt is its negative/unconditional prompt."),
-            inputs=[io.String.Input("text", default="digit 7",
-                                    tooltip="\"digit N\" with N in 0..9, or empty for the negative prompt.")],
-            outputs=[io.Conditioning.Output(tooltip="CONDITIONING for the embedded model's sampler.")],
-        )
+        return _schema(
+            "HastenDigitPrompt", "Digit Prompt (hasten)",
+            "Encodes a prompt with the embedded model's own text encoder. The model knows \"digit 0\" .. "
+            "\"digit 9\"; the empty prompt is its negative/unconditional prompt.",
+            [io.String.Input("text", default="digit 7",
+                             tooltip="\"digit N\" with N in 0..9, or empty for the negative prompt.")],
+            [io.Conditioning.Output(tooltip="CONDITIONING for the embedded model's sampler.")])
 
     @classmethod
     def execute(cls, text: str = "digit 7") -> io.NodeOutput:
@@ -247,27 +297,16 @@ class HastenEmptyDigitLatent(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="HastenEmptyDigitLatent",
-            display_name="Empty Digit Latent (hasten)",
-            category=CATEGORY,
-            description=("An empty LATENT for the embedded model: its VAE has 4 channels and shrinks images "
-                         "by 2 (the built-in Empty Latent Image gives the same size on ComfyUI >= 0.3.7x "
-                         "versions that honour a model's latent scale; this node works everywhere)."),
-            inputs=[
-                io.Int.Input("size", default=32, min=8, max=256, step=8,
-                             tooltip="Image width and height in pixels (the model was trained at 32)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per batch."),
-            ],
-            outputs=[io.Latent.Output(tooltip="Zeros of shape batch x 4 x 1 x size/2 x size/2.")],
-        )
+        return _latent_schema(
+            "HastenEmptyDigitLatent", LATENT_NAME,
+            "An empty LATENT for the embedded model: its VAE has 4 channels and shrinks images by 2 (the built-in "
+            "Empty Latent Image gives the same size on ComfyUI >= 0.3.7x versions that honour a model's latent "
+            "scale; this node works everywhere).",
+            "image", [], "Zeros of shape batch x 4 x 1 x size/2 x size/2.")
 
     @classmethod
     def execute(cls, size: int = 32, batch_size: int = 1) -> io.NodeOutput:
-        cfg = _config("vae")
-        factor = int(cfg.get("scale_factor_spatial", 8))
-        shape = (batch_size, int(cfg["z_dim"]), 1, size // factor, size // factor)
-        return io.NodeOutput({"samples": torch.zeros(shape), "downscale_ratio_spacial": factor})
+        return _empty_latent(LATENT_NAME, "image", 1, size, batch_size)
 
 
 class HastenDecodeDigits(io.ComfyNode):
@@ -275,18 +314,14 @@ class HastenDecodeDigits(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="HastenDecodeDigits",
-            display_name="Decode Digits (hasten)",
-            category=CATEGORY,
-            description="Decodes the embedded model's LATENT to images with the model's own VAE.",
-            inputs=[io.Latent.Input("samples", tooltip="The sampler's output LATENT (embedded model).")],
-            outputs=[io.Image.Output(tooltip="The images (batch x H x W x 3, values 0..1); first frame only.")],
-        )
+        return _decode_schema(
+            "HastenDecodeDigits", DECODE_NAME, "Decodes the embedded model's LATENT to images with the model's own VAE.",
+            "The sampler's output LATENT (embedded model).",
+            "The images (batch x H x W x 3, values 0..1); first frame only.")
 
     @classmethod
     def execute(cls, samples: dict) -> io.NodeOutput:
-        return io.NodeOutput(decode_latents(samples["samples"]))
+        return _decode(DECODE_NAME, "image", samples)
 
 
 class HastenEmbeddedVideoLoader(io.ComfyNode):
@@ -294,25 +329,18 @@ class HastenEmbeddedVideoLoader(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="HastenEmbeddedVideoLoader",
-            display_name="Load Embedded Digit Video Model (hasten)",
-            category=CATEGORY,
-            description=("Loads hasten's small trained text-to-video model (a Wan 2.1 transformer: a handwritten "
-                         "digit moving left/right/up/down, 17 frames at 32x32 = 1088 tokens, also 16x16). "
-                         "Shipped with the pack, no download; a video model every hasten node runs on in "
-                         "seconds on a CPU. Use Moving Digit Prompt, Empty Digit Video Latent and Decode "
-                         "Digit Video (hasten) with it."),
-            inputs=[io.Combo.Input("weight_dtype", options=list(DTYPES), default="float32",
-                                   tooltip="Precision of the transformer weights.", **advanced())],
-            outputs=[io.Model.Output(tooltip="The embedded video model as a ComfyUI MODEL (Wan 2.1 text-to-video, "
-                                             "frame-wise latent); sample it with any sampler, 20 steps, CFG 4.")],
-        )
+        return _loader_schema(
+            "HastenEmbeddedVideoLoader", VIDEO_LOADER_NAME,
+            "Loads hasten's small trained text-to-video model (a Wan 2.1 transformer: a handwritten digit moving "
+            "left/right/up/down, 17 frames at 32x32 = 1088 tokens, also 16x16); a video model every hasten node "
+            "runs on in seconds on a CPU. Use Moving Digit Prompt, Empty Digit Video Latent and Decode Digit "
+            "Video (hasten) with it.",
+            "The embedded video model as a ComfyUI MODEL (Wan 2.1 text-to-video, frame-wise latent); sample it "
+            "with any sampler, 20 steps, CFG 4.")
 
     @classmethod
     def execute(cls, weight_dtype: str = "float32") -> io.NodeOutput:
-        root = _checked_dir("Load Embedded Digit Video Model (hasten)", "video")
-        return io.NodeOutput(load_comfy_model(root, dtype=DTYPES[weight_dtype], model="video"))
+        return _load(VIDEO_LOADER_NAME, "video", weight_dtype)
 
 
 class HastenMovingDigitPrompt(io.ComfyNode):
@@ -320,24 +348,17 @@ class HastenMovingDigitPrompt(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="HastenMovingDigitPrompt",
-            display_name="Moving Digit Prompt (hasten)",
-            category=CATEGORY,
-            description=("Encodes \"digit N moving DIRECTION\" (the prompts the embedded video model knows) and "
-                         "its negative, the empty prompt, with the video model's own text encoder."),
-            inputs=[
-                io.Int.Input("digit", default=3, min=0, max=9, tooltip="The digit to draw (0..9)."),
-                io.Combo.Input("direction", options=list(DIRECTIONS), default="left",
-                               tooltip="Which way the digit moves over the clip."),
-            ],
-            outputs=[
-                io.Conditioning.Output("positive", display_name="positive",
-                                       tooltip="\"digit N moving DIRECTION\": the sampler's positive input."),
-                io.Conditioning.Output("negative", display_name="negative",
-                                       tooltip="The empty prompt: the sampler's negative input (CFG)."),
-            ],
-        )
+        return _schema(
+            "HastenMovingDigitPrompt", "Moving Digit Prompt (hasten)",
+            "Encodes \"digit N moving DIRECTION\" (the prompts the embedded video model knows) and its negative, "
+            "the empty prompt, with the video model's own text encoder.",
+            [io.Int.Input("digit", default=3, min=0, max=9, tooltip="The digit to draw (0..9)."),
+             io.Combo.Input("direction", options=list(DIRECTIONS), default="left",
+                            tooltip="Which way the digit moves over the clip.")],
+            [io.Conditioning.Output("positive", display_name="positive",
+                                    tooltip="\"digit N moving DIRECTION\": the sampler's positive input."),
+             io.Conditioning.Output("negative", display_name="negative",
+                                    tooltip="The empty prompt: the sampler's negative input (CFG).")])
 
     @classmethod
     def execute(cls, digit: int = 3, direction: str = "left") -> io.NodeOutput:
@@ -354,32 +375,17 @@ class HastenEmptyDigitVideoLatent(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="HastenEmptyDigitVideoLatent",
-            display_name="Empty Digit Video Latent (hasten)",
-            category=CATEGORY,
-            description=("An empty LATENT for the embedded video model: its VAE has 4 channels, shrinks frames "
-                         "by 2 and keeps every frame (no temporal compression, unlike Wan's 4x; the built-in "
-                         "Empty video latents assume 4x)."),
-            inputs=[
-                io.Int.Input("frames", default=VIDEO_FRAMES, min=1, max=128,
-                             tooltip=f"Frames of the clip (the model was trained on {VIDEO_FRAMES})."),
-                io.Int.Input("size", default=32, min=8, max=256, step=8,
-                             tooltip="Frame width and height in pixels (trained at 32 and 16)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Clips per batch."),
-            ],
-            outputs=[io.Latent.Output(tooltip="Zeros of shape batch x 4 x frames x size/2 x size/2.")],
-        )
+        return _latent_schema(
+            "HastenEmptyDigitVideoLatent", VIDEO_LATENT_NAME,
+            "An empty LATENT for the embedded video model: its VAE has 4 channels, shrinks frames by 2 and keeps "
+            "every frame (no temporal compression, unlike Wan's 4x; the built-in Empty video latents assume 4x).",
+            "frame", [io.Int.Input("frames", default=VIDEO_FRAMES, min=1, max=128,
+                                   tooltip=f"Frames of the clip (the model was trained on {VIDEO_FRAMES}).")],
+            "Zeros of shape batch x 4 x frames x size/2 x size/2.")
 
     @classmethod
     def execute(cls, frames: int = VIDEO_FRAMES, size: int = 32, batch_size: int = 1) -> io.NodeOutput:
-        cfg = _config("vae", root=_checked_dir("Empty Digit Video Latent (hasten)", "video"))
-        factor = int(cfg.get("scale_factor_spatial", 8))
-        if size % (2 * factor):
-            fail("Empty Digit Video Latent (hasten)", f"size must be a multiple of {2 * factor} (VAE factor "
-                                                      f"{factor} x patch 2), got {size}", ValueError)
-        shape = (batch_size, int(cfg["z_dim"]), frames, size // factor, size // factor)
-        return io.NodeOutput({"samples": torch.zeros(shape), "downscale_ratio_spacial": factor})
+        return _empty_latent(VIDEO_LATENT_NAME, "video", frames, size, batch_size)
 
 
 class HastenDecodeDigitVideo(io.ComfyNode):
@@ -387,20 +393,16 @@ class HastenDecodeDigitVideo(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="HastenDecodeDigitVideo",
-            display_name="Decode Digit Video (hasten)",
-            category=CATEGORY,
-            description=("Decodes the embedded video model's LATENT to frames with the model's own VAE; connect "
-                         "the IMAGE to Save Animated WEBP / PNG (frame rate 8) or Preview Image."),
-            inputs=[io.Latent.Input("samples", tooltip="The sampler's output LATENT (embedded video model).")],
-            outputs=[io.Image.Output(tooltip="Every frame (batch x frames, H, W, 3; values 0..1), clip after clip.")],
-        )
+        return _decode_schema(
+            "HastenDecodeDigitVideo", VIDEO_DECODE_NAME,
+            "Decodes the embedded video model's LATENT to frames with the model's own VAE; connect the IMAGE to "
+            "Save Animated WEBP / PNG (frame rate 8) or Preview Image.",
+            "The sampler's output LATENT (embedded video model).",
+            "Every frame (batch x frames, H, W, 3; values 0..1), clip after clip.")
 
     @classmethod
     def execute(cls, samples: dict) -> io.NodeOutput:
-        _checked_dir("Decode Digit Video (hasten)", "video")
-        return io.NodeOutput(decode_latents(samples["samples"], model="video"))
+        return _decode(VIDEO_DECODE_NAME, "video", samples)
 
 
 NODES = [HastenEmbeddedLoader, HastenDigitPrompt, HastenEmptyDigitLatent, HastenDecodeDigits,

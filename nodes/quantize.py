@@ -96,7 +96,8 @@ def _unpatched_weights(m: Any, dm: Any) -> Iterator[None]:
 
 def _refuse_later_weight_patches(executor: Any, *args: Any, **kwargs: Any) -> Any:
     """OUTER_SAMPLE: a LoRA loaded AFTER this node would patch quantized layers, which ignore float weight
-    patches (a silent no-op): refuse, naming the order that works."""
+    patches (a silent no-op): refuse, naming the order that works. Afterwards, forget the swapped-out
+    layers' "weights patched" marks (see :func:`_forget_patched_marks`)."""
     patcher = executor.class_obj.model_patcher
     rep = report(patcher)
     late = sorted({k[len(PREFIX):].rpartition(".")[0] for k in getattr(patcher, "patches", {})
@@ -105,7 +106,25 @@ def _refuse_later_weight_patches(executor: Any, *args: Any, **kwargs: Any) -> An
         fail(NAME, f"{len(late)} quantized layers (e.g. {late[0]!r}) got weight patches (a LoRA loaded after this "
                    "node), which quantized layers cannot apply; load LoRAs BEFORE Quantize Model (hasten) (their "
                    "layers are then kept in float)")
-    return executor(*args, **kwargs)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        _forget_patched_marks(patcher)
+
+
+def _forget_patched_marks(patcher: Any) -> None:
+    """ComfyUI marks each module whose weights it patched (``comfy_patched_weights``) and clears the marks only
+    on the modules in the model when it unpatches; the original layers our object patches swapped out keep
+    theirs, so once put back, a LoRA clone loaded next skipped them as "already patched" (measured: LoRA run,
+    plain run, quantized run, then a LoRA'd quantized clone sampled without its LoRA). Clear them."""
+    backup = getattr(patcher, "object_patches_backup", None) or {}
+    rep = report(patcher)
+    for name in [*rep.quantized, *rep.precision] if rep is not None else []:
+        orig = backup.get(PREFIX + name)
+        if isinstance(orig, torch.nn.Module):
+            for mod in orig.modules():
+                if hasattr(mod, "comfy_patched_weights"):
+                    del mod.comfy_patched_weights
 
 
 def patch_model(model: Any, config: QuantConfig, calibration: CalibrationData | None = None) -> Any:

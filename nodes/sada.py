@@ -1,8 +1,8 @@
 """ComfyUI adapter for SADA: node "SADA (hasten)" = EasyCache's APPLY_MODEL wrapper (per-branch rows, partial
 batches, network-space outputs) driving :class:`hasten.caches.SADA`; every decision is the core's.
 
-It uses EasyCache's wrapper key, so it replaces an EasyCache (hasten) patch on the same MODEL and vice
-versa: two step caches never stack.
+It uses EasyCache's wrapper key; on a MODEL that already has EasyCache (hasten) or CacheQuant (hasten) it is a
+node error (and vice versa): two step caches never stack.
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ import torch
 
 from ..caches import RunStats
 from ..caches.sada import SADA, SADAConfig
-from .easycache import RUN_KEY, WRAPPER_KEY, _check_hookable, _Run, apply_model_wrapper
+from .easycache import (
+    RUN_KEY,
+    WRAPPER_KEY,
+    _check_hookable,
+    _Run,
+    apply_model_wrapper,
+    refuse_other_step_cache,
+    step_cache_outermost,
+)
 from .runs import last_run_stats, num_steps_of, rewrap, scoped_run
 from .schema import CATEGORY, advanced, io
 
@@ -73,12 +81,13 @@ def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def patch_model(model: Any, config: SADAConfig) -> Any:
-    """A clone of ``model`` with SADA (replaces an EasyCache (hasten) patch: step caches never stack)."""
+    """A clone of ``model`` with SADA (a node error on a MODEL that already has EasyCache / CacheQuant)."""
     _check_hookable(model)
     import comfy.patcher_extension as pe
 
-    m = rewrap(model, WRAPPER_KEY, {pe.WrappersMP.OUTER_SAMPLE: outer_sample_wrapper,
-                                     pe.WrappersMP.APPLY_MODEL: apply_model_wrapper})
+    refuse_other_step_cache(model, NAME, outer_sample_wrapper)
+    m = step_cache_outermost(rewrap(model, WRAPPER_KEY, {pe.WrappersMP.OUTER_SAMPLE: outer_sample_wrapper,
+                                                         pe.WrappersMP.APPLY_MODEL: apply_model_wrapper}))
     m.model_options.setdefault("transformer_options", {})[HOLDER_KEY] = SADAHolder(config)
     return m
 

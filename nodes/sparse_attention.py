@@ -24,6 +24,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..kernels.adaspa import AdaSpa, AdaSpaConfig, AdaSpaStats, key_padding_mask
+from ..kernels.eager import eager
 from .runs import batch_rows, last_run_stats, rewrap, scoped_run, step_index
 from .schema import CATEGORY, advanced, fail, io
 
@@ -88,7 +89,7 @@ def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
 
     def start(holder: SparseHolder, sigmas: torch.Tensor) -> tuple[_Run, Any]:
         policy = AdaSpa(holder.config)
-        policy.begin_run()
+        policy.begin_run(max(len(sigmas) - 1, 1) if isinstance(sigmas, torch.Tensor) else None)
         run = _Run(holder, policy, sigmas, joint=holder.joint)
 
         def finish() -> None:
@@ -148,6 +149,14 @@ def attention_override(func: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
     if call is None or call.run.policy.config.off:
         return original()
+    out = _policy_attention(call, q, k, v, heads, mask, skip_reshape, skip_output_reshape)
+    return original() if out is None else out
+
+
+@eager  # per-layer/per-step decisions run eagerly: under ComfyUI's compile node the model compiles once
+def _policy_attention(call: _Call, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: Any,
+                      skip_reshape: bool, skip_output_reshape: bool) -> torch.Tensor | None:
+    """The policy's answer for one attention call (None: run ComfyUI's own attention)."""
     layer = call.counter[0]
     call.counter[0] += 1
     if skip_reshape:  # (B, H, S, D)
@@ -157,7 +166,7 @@ def attention_override(func: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         qh, kh, vh = (t.reshape(t.shape[0], -1, heads, d_).transpose(1, 2) for t in (q, k, v))
     b, _, s, d = qh.shape
     if kh.shape != (b, heads, s, d) or vh.shape != kh.shape:  # cross-attention: not a target
-        return original()
+        return None
     policy = call.run.policy
     kv_mask = q_valid = None
     if mask is not None:
@@ -167,13 +176,13 @@ def attention_override(func: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         split = key_padding_mask(m, (b, heads, s, s)) if m is not None else None
         if split is None:
             policy.fallback("attention mask other than key padding")
-            return original()
+            return None
         kv_mask, q_valid = split
     t_len = call.text_len if 0 < call.text_len < s else 0
     ranges = ((0, t_len), (s - t_len, s)) if t_len else ()
     out = policy.attend(layer, call.rows, call.step, qh, kh, vh, dense_ranges=ranges, kv_mask=kv_mask)
     if out is None:
-        return original()
+        return None
     if q_valid is not None:
         out = out * q_valid[..., None].to(out.dtype)
     out = out.to(q.dtype)
@@ -228,6 +237,12 @@ class HastenSparseAttention(io.ComfyNode):
                              tooltip="Search the pattern again every N steps (0 = never).", **advanced()),
                 io.Int.Input("min_seq_len", default=_DEFAULTS.min_seq_len, min=0, max=1 << 20,
                              tooltip="Attention over fewer tokens than this stays dense.", **advanced()),
+                io.Combo.Input("remainder", options=["drop", "pooled"], default=_DEFAULTS.remainder,
+                               tooltip="Skipped key blocks: 'drop' (AdaSpa) or 'pooled' (each still contributes "
+                                       "through its mean key and value; far more exact where attention is "
+                                       "spread out, as in video models).", optional=True, **advanced()),
+                io.Int.Input("dense_final_steps", default=_DEFAULTS.dense_final_steps, min=0, max=1000,
+                             tooltip="The last N steps of the run stay dense.", optional=True, **advanced()),
             ],
             outputs=[io.Model.Output(tooltip="A patched copy of the MODEL (the input MODEL is unchanged). "
                                              "Its statistics appear in the log and in Run Stats (hasten).")],
@@ -235,11 +250,13 @@ class HastenSparseAttention(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: Any, target_mass: float, warmup_steps: int, block_size: int = _DEFAULTS.block_size,
-                refresh_every: int = _DEFAULTS.refresh_every, min_seq_len: int = _DEFAULTS.min_seq_len
+                refresh_every: int = _DEFAULTS.refresh_every, min_seq_len: int = _DEFAULTS.min_seq_len,
+                remainder: str = _DEFAULTS.remainder, dense_final_steps: int = _DEFAULTS.dense_final_steps
                 ) -> io.NodeOutput:
         try:
             config = AdaSpaConfig(target_mass=target_mass, block_size=block_size, warmup_steps=warmup_steps,
-                                  refresh_every=refresh_every, min_seq_len=min_seq_len)
+                                  refresh_every=refresh_every, min_seq_len=min_seq_len, remainder=remainder,
+                                  dense_final_steps=dense_final_steps)
         except (TypeError, ValueError) as e:
             fail(NODE_NAME, str(e), exc=ValueError)
         try:

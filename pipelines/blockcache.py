@@ -30,8 +30,10 @@ from ..caches.blockcache import (
     StepPlan,
 )
 from ..errors import UnsupportedModelError
-from .denoiser import DenoiserHook, attach, detach, find_denoisers, in_flight, log, split_input
+from .denoiser import CallInfo, attach, detach, find_denoisers, log, split_input
+from .parallel import full_sequence
 from .registry import Feature, install, make_config, uninstall
+from .runhook import RunHook
 
 HOOK_NAME = "hasten_blockcache"
 BLOCK_HOOK_NAME = "hasten_blockcache_block"
@@ -122,31 +124,22 @@ class _Call:
     span_inputs: dict[Span, dict[Slot, torch.Tensor]] = field(default_factory=dict)
 
 
-class BlockCacheHook(DenoiserHook):
+class BlockCacheHook(RunHook):
     """Denoiser-level hook: identifies the call and makes the plan the block hooks carry out."""
 
+    cache: BlockCache
+
     def __init__(self, pipe: Any, cache: BlockCache, num_blocks: int) -> None:
-        super().__init__(pipe)
-        self.cache = cache
+        super().__init__(pipe, cache)
         self.num_blocks = num_blocks
         self.layouts: dict[int, _Layout] = {}
         self.call: _Call | None = None
-        self._reported = False
 
-    def on_run_start(self, num_steps: int | None) -> None:
+    def begin_cache(self, num_steps: int | None) -> None:
         self.cache.begin_run(num_steps, self.num_blocks)
-        self._reported = False
 
-    def on_run_end(self) -> None:
-        self.report()
-        self.cache.end_run()
-
-    def report(self) -> None:
-        """Log once per run what the cache did; a run that reused no block while caching was asked warns."""
-        st = self.cache.current_stats()
-        if self._reported or not st.calls:
-            return
-        self._reported = True
+    def log_run(self, st: BlockRunStats) -> None:
+        """What the cache did; a run that reused no block while caching was asked warns."""
         where = self.pattern.pipe_name
         extra = f", cached blocks {st.cached_blocks}" if st.cached_blocks is not None else ""
         if st.reused or self.cache.off:
@@ -157,19 +150,14 @@ class BlockCacheHook(DenoiserHook):
                         "for its warm-up/profiling window, or no block was stable enough", st.method, where,
                         st.block_forwards, extra)
 
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        with in_flight(self):
-            info = self.identify(module, args, kwargs)
-            x = split_input(args, kwargs)
-            plan = self.cache.plan(info.keys, info.step, x, info.labels)
-            prev, self.call = self.call, (_Call(list(info.keys), plan) if plan.active else None)
-            try:
-                out = self.original()(*args, **kwargs)
-            finally:
-                self.call = prev
-            if self.pattern.last_call(info):
-                self.report()
-            return out
+    def run_call(self, module: torch.nn.Module, info: CallInfo, args: tuple, kwargs: dict) -> Any:
+        x = split_input(args, kwargs)
+        plan = self.cache.plan(info.keys, info.step, x, info.labels)
+        prev, self.call = self.call, (_Call(list(info.keys), plan) if plan.active else None)
+        try:
+            return self.original()(*args, **kwargs)
+        finally:
+            self.call = prev
 
     # -- carried out by the block hooks --------------------------------------------------------
     def run_block(self, index: int, block: torch.nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
@@ -195,7 +183,7 @@ class BlockCacheHook(DenoiserHook):
         outs = layout.outputs(out)
         if call.plan.profile:
             pairs = [(_get(s, args, kwargs), o) for s, o in zip(layout.slots, outs, strict=True) if s is not None]
-            self.cache.observe(call.keys, index, [p[0] for p in pairs], [p[1] for p in pairs])
+            self.cache.observe(call.keys, index, *full_sequence(self, [p[0] for p in pairs], [p[1] for p in pairs]))
         if role is not None:  # recording a span: keep its input, hand over the residual at its last block
             span = role[1]
             if index == span[0]:
@@ -229,6 +217,12 @@ class BlockCacheFeature(Feature):
         self.name = name
         denoisers = find_denoisers(pipe)
         found = {comp: find_blocks(mod) for comp, mod in denoisers.items()}  # all or nothing: check first
+        for comp, mod in denoisers.items():
+            if getattr(mod, "_parallel_config", None) is not None:  # diffusers' sequence split sits on the blocks
+                raise UnsupportedModelError(
+                    f"hasten {name}: {comp}.enable_parallelism() was already called; its context-parallel split "
+                    "wraps the transformer blocks, so a block hook added now would see the full sequence in and "
+                    "one rank's shard out. Enable the block cache first, then enable_parallelism().")
         self.hooks: dict[str, BlockCacheHook] = {}
         self._attached: list[tuple[torch.nn.Module, str]] = []
         try:
@@ -253,8 +247,8 @@ class BlockCacheFeature(Feature):
     def stats(self) -> dict[str, BlockRunStats | None]:
         out: dict[str, BlockRunStats | None] = {}
         for comp, hook in self.hooks.items():
-            cur = hook.cache.current_stats()
-            out[comp] = cur if cur.calls else hook.cache.last_run
+            cur, last = hook.run_stats()
+            out[comp] = cur if cur is not None else last
         return out
 
 

@@ -12,6 +12,7 @@ activations for the quantization), so it costs two generations per calibration i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -117,13 +118,16 @@ def _sample(pipe: Any, prompts: tuple[str, ...], seeds: tuple[int, ...], steps: 
 
 
 def calibrate_cachequant(pipe: Any, config: CacheQuantConfig | None = None, *, num_inference_steps: int | None = None,
-                         call_kwargs: dict[str, Any] | None = None, **settings: Any) -> CacheQuantCalibration:
+                         call_kwargs: dict[str, Any] | None = None, sample: Callable[[], Any] | None = None,
+                         **settings: Any) -> CacheQuantCalibration:
     """Record FP and quantized traces of the calibration runs; the pipeline is left exactly as it was.
 
     The result makes a plan for any number of computed steps (``calibration.plan(K)``) without sampling
     again, and ``enable_cachequant(pipe, calibration=...)`` re-applies the quantization from the recorded
     activations. ``num_inference_steps`` must be the step count you will sample with (default: the
-    pipeline's own).
+    pipeline's own). ``sample()``, when given, runs the calibration generations itself (e.g. a front end's
+    own call of a pipeline that takes no ``prompt``); it is called once per pass instead of sampling
+    ``calibration_prompts`` x ``calibration_seeds``.
     """
     config = make_config(CacheQuantConfig, config, settings)
     if not config.calibration_prompts:
@@ -140,18 +144,20 @@ def calibrate_cachequant(pipe: Any, config: CacheQuantConfig | None = None, *, n
     qconfig = as_config(config.method)
     kwargs = dict(call_kwargs or {})
     fp, q = TraceRecorder(), TraceRecorder()
+    run = sample or (lambda: _sample(pipe, config.calibration_prompts, config.calibration_seeds, num_inference_steps,
+                                     kwargs))
     recorder = _Hooks(pipe, lambda: CacheQuantHook(pipe, fp))
     try:
         with torch.no_grad():
             with ExitStack() as stack:
                 get = stack.enter_context(record_activations(module, max_samples=qconfig.sample_rows))
-                _sample(pipe, config.calibration_prompts, config.calibration_seeds, num_inference_steps, kwargs)
+                run()
             activations = get()
             for hook in recorder.hooks.values():
                 hook.cache = q
             quantize_pipeline(pipe, qconfig, calibration=activations)
             try:
-                _sample(pipe, config.calibration_prompts, config.calibration_seeds, num_inference_steps, kwargs)
+                run()
             finally:
                 dequantize_pipeline(pipe)
     finally:

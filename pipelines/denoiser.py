@@ -226,27 +226,34 @@ class RunTracker:
 
 
 ROW_KEYS_ATTR = "_hasten_row_keys"
+ROW_STEP_ATTR = "_hasten_row_step"
 
 
 class row_keys:  # noqa: N801 - used as a context manager, like torch.no_grad
-    """Tell inner hooks which branch each row of the next denoiser call is.
+    """Tell inner hooks which branch each row of the next denoiser call is (and, optionally, its step).
 
     A hook that drops or reorders rows (adaptive guidance dropping the unconditional pass) wraps its
     inner call in ``with row_keys(module, keys):`` so caches below it keep the right per-branch state.
+    A hook that skips whole steps (a step cache above a block cache) also passes ``step``: the inner hook
+    never sees the skipped steps, so it could not count them itself.
     """
 
-    def __init__(self, module: torch.nn.Module, keys: list) -> None:
-        self.module, self.keys = module, keys
+    def __init__(self, module: torch.nn.Module, keys: list, step: int | None = None) -> None:
+        self.module, self.keys, self.step = module, keys, step
 
     def __enter__(self) -> None:
         self.prev = getattr(self.module, ROW_KEYS_ATTR, None)
+        self.prev_step = getattr(self.module, ROW_STEP_ATTR, None)
         setattr(self.module, ROW_KEYS_ATTR, self.keys)
+        if self.step is not None:
+            setattr(self.module, ROW_STEP_ATTR, self.step)
 
     def __exit__(self, *exc: object) -> None:
-        if self.prev is None:
-            delattr(self.module, ROW_KEYS_ATTR)
-        else:
-            setattr(self.module, ROW_KEYS_ATTR, self.prev)
+        for attr, prev in ((ROW_KEYS_ATTR, self.prev), (ROW_STEP_ATTR, self.prev_step)):
+            if prev is not None:
+                setattr(self.module, attr, prev)
+            elif hasattr(self.module, attr):
+                delattr(self.module, attr)
 
 
 # -- branch identification from the call pattern ---------------------------------------------------
@@ -462,6 +469,9 @@ class CallPattern:
             self._seen = set()
         else:
             self.position += 1
+        given_step = getattr(module, ROW_STEP_ATTR, None)
+        if isinstance(given_step, int) and given_step > self.step:  # an outer hook skipped whole steps
+            self.step = given_step
         given = getattr(module, ROW_KEYS_ATTR, None)
         cfg = cfg_hint(pipe, local_vars)
         if self.position == 0:

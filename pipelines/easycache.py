@@ -8,46 +8,27 @@ from typing import Any
 import torch
 
 from ..caches import EasyCache, EasyCacheConfig, RunStats, run_cached
-from .denoiser import (
-    CallInfo,
-    DenoiserHook,
-    in_flight,
-    log,
-    main_tensor,
-    row_keys,
-    slice_batch,
-    split_input,
-)
-from .registry import HookFeature, install, make_config, uninstall
+from .denoiser import CallInfo, log, main_tensor, row_keys, slice_batch, split_input
+from .registry import install, make_config, uninstall
+from .runhook import RunHook, RunHookFeature, refuse_stacked_step_cache
 
 HOOK_NAME = "hasten_easycache"
 PRIORITY = 50  # hook stacking: below guidance (100) and sparse attention (75)
 
 
-class EasyCacheHook(DenoiserHook):
-    """Runs each denoiser call through :func:`run_cached` with one branch per batch row and call position."""
+class EasyCacheHook(RunHook):
+    """Runs each denoiser call through :func:`run_cached` with one branch per batch row and call position.
+
+    Subclasses (SADA, CacheQuant) drive another step-cache policy through the same call handling.
+    """
 
     def __init__(self, pipe: Any, config: EasyCacheConfig) -> None:
-        super().__init__(pipe)
-        self.cache = EasyCache(config)
-        self._reported = False
+        super().__init__(pipe, EasyCache(config))
 
-    def on_run_start(self, num_steps: int | None) -> None:
-        self.cache.begin_run(num_steps)
-        self._reported = False
-
-    def on_run_end(self) -> None:
-        self.report()
-        self.cache.end_run()
-
-    def report(self) -> None:
-        """Log once per run what the cache did (a run that reused nothing at threshold > 0 says why)."""
-        st = self.cache.current_stats()
-        if self._reported or not st.calls:
-            return
-        self._reported = True
+    def log_run(self, st: RunStats) -> None:
+        """What the cache did (a run that reused nothing at threshold > 0 says why)."""
         where = self.pattern.pipe_name
-        n = self.cache._num_steps
+        n = st.num_steps
         if not st.reused and self.cache.config.threshold > 0 and n and n < 8:
             log.warning("hasten EasyCache on %s did nothing: a %d-step run is too short (warm-up, final steps and the "
                         "rate estimate leave no step to reuse); few-step models (LCM, distilled) gain nothing from step "
@@ -60,15 +41,7 @@ class EasyCacheHook(DenoiserHook):
                      "output changed faster than the threshold allows, or the run is too short for warm-up",
                      where, st.calls, self.cache.config.threshold)
 
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        with in_flight(self):
-            info = self.identify(module, args, kwargs)
-            out = self._forward(module, info, args, kwargs)
-            if self.pattern.last_call(info):
-                self.report()
-            return out
-
-    def _forward(self, module: torch.nn.Module, info: CallInfo, args: tuple, kwargs: dict) -> Any:
+    def run_call(self, module: torch.nn.Module, info: CallInfo, args: tuple, kwargs: dict) -> Any:
         x = split_input(args, kwargs)
         batch = x.shape[0]
         keys, labels = info.keys, info.labels
@@ -80,17 +53,17 @@ class EasyCacheHook(DenoiserHook):
         def compute(rows: list[int] | None) -> torch.Tensor:
             # row_keys: code below this hook (e.g. sparse-attention processors) keys its state per branch too
             if rows is None:
-                with row_keys(module, keys):
+                with row_keys(module, keys, info.step):
                     result = forward(*args, **kwargs)
                 full.append(result)
             elif pag:  # PAG's attention processors need the whole [(uncond,) cond, perturbed] batch
-                with row_keys(module, keys):
+                with row_keys(module, keys, info.step):
                     result = forward(*args, **kwargs)
                 self.packer.learn(result)
                 return main_tensor(result)[rows]
             else:
                 a, kw = slice_batch(args, kwargs, rows, batch)
-                with row_keys(module, [keys[i] for i in rows]):
+                with row_keys(module, [keys[i] for i in rows], info.step):
                     result = forward(*a, **kw)
             self.packer.learn(result)
             return main_tensor(result)
@@ -102,18 +75,11 @@ class EasyCacheHook(DenoiserHook):
         return self.packer.pack(out, kwargs.get("return_dict"))
 
 
-class EasyCacheFeature(HookFeature):
+class EasyCacheFeature(RunHookFeature):
     name = "easycache"
     hook_name = HOOK_NAME
     priority = PRIORITY
-
-    def __init__(self, pipe: Any, config: EasyCacheConfig) -> None:
-        self.config = config
-        super().__init__(pipe, lambda: EasyCacheHook(pipe, config))
-
-    def run_stats(self, hook: EasyCacheHook) -> tuple[RunStats | None, RunStats | None]:
-        cur = hook.cache.current_stats()
-        return (cur if cur.calls else None), hook.cache.last_run
+    hook_class = EasyCacheHook
 
 
 def enable_easycache(pipe: Any, config: EasyCacheConfig | None = None, **kwargs: Any) -> Any:
@@ -122,6 +88,7 @@ def enable_easycache(pipe: Any, config: EasyCacheConfig | None = None, **kwargs:
     Calling it again replaces the previous settings (caches never stack). Returns the pipeline.
     """
     config = make_config(EasyCacheConfig, config, kwargs)
+    refuse_stacked_step_cache(pipe, "easycache")
     return install(pipe, "easycache", lambda: EasyCacheFeature(pipe, config))
 
 

@@ -124,3 +124,36 @@ def check_hook_order(module: torch.nn.Module, hook: Any) -> None:
                 f"enabled, so its context-parallel split of {sorted(split)} runs before hasten's hooks, which "
                 "would decide on one rank's shard. Enable hasten's features after enable_parallelism() (or "
                 "disable and re-enable them), so every rank decides on the full input.")
+
+
+def full_sequence(hook: Any, inputs: list[torch.Tensor], outputs: list[torch.Tensor]
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Block tensors for a value-reading decision made *inside* diffusers' sequence split (ProfilingDiT's
+    per-block residual change): each rank's shard all-gathered along the sequence (dim 1), so every rank
+    profiles the full tensors one process sees and picks the same blocks to cache (a rank caching another
+    block would skip that block's attention all-to-all and deadlock the others). Unchanged without context
+    parallelism. A stream diffusers did not split is gathered as copies, which leaves a mean change as it is.
+    """
+    pipe = hook.pipe_ref() if getattr(hook, "pipe_ref", None) is not None else None
+    config = None
+    if pipe is not None:
+        from .denoiser import find_denoisers
+
+        config = next((c for m in find_denoisers(pipe).values()
+                       if (c := getattr(m, "_parallel_config", None)) is not None), None)
+    if config is None or not torch.distributed.is_initialized():
+        return inputs, outputs
+    cp = _cp(config)
+    if getattr(cp, "ulysses_anything", False):
+        raise UnsupportedModelError("hasten ProfilingDiT profiles full block tensors across context-parallel ranks and "
+                                    "needs even shards: ulysses_anything (uneven shards) is not supported; use "
+                                    "Δ-DiT (a fixed schedule) or even Ulysses / Ring degrees")
+    group = cp._flattened_mesh.get_group()
+    world = torch.distributed.get_world_size(group)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(world)]
+        torch.distributed.all_gather(parts, t.detach().contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    return [gather(t) for t in inputs], [gather(t) for t in outputs]

@@ -9,7 +9,8 @@ from ..caches import EasyCacheConfig, RunStats
 from ..caches.sada import SADA, SADAConfig
 from .denoiser import log
 from .easycache import PRIORITY, EasyCacheHook
-from .registry import HookFeature, install, make_config, uninstall
+from .registry import install, make_config, uninstall
+from .runhook import RunHookFeature, refuse_stacked_step_cache
 
 HOOK_NAME = "hasten_sada"
 
@@ -21,12 +22,8 @@ class SADAHook(EasyCacheHook):
         super().__init__(pipe, EasyCacheConfig(threshold=0.0))
         self.cache = SADA(config)  # type: ignore[assignment]
 
-    def report(self) -> None:
-        """Log once per run what SADA did (skipping nothing while on is a warning, with the reason)."""
-        st = self.cache.current_stats()
-        if self._reported or not st.calls:
-            return
-        self._reported = True
+    def log_run(self, st: RunStats) -> None:
+        """What SADA did (skipping nothing while on is a warning, with the reason)."""
         cfg = self.cache.config
         if st.reused or cfg.is_off:
             log.info("hasten SADA on %s: %d/%d branch forwards computed, %d skipped (%d branches)",
@@ -37,18 +34,11 @@ class SADAHook(EasyCacheHook):
                         "is too short", self.pattern.pipe_name, st.calls, cfg.threshold)
 
 
-class SADAFeature(HookFeature):
+class SADAFeature(RunHookFeature):
     name = "sada"
     hook_name = HOOK_NAME
     priority = PRIORITY
-
-    def __init__(self, pipe: Any, config: SADAConfig) -> None:
-        self.config = config
-        super().__init__(pipe, lambda: SADAHook(pipe, config))
-
-    def run_stats(self, hook: SADAHook) -> tuple[RunStats | None, RunStats | None]:
-        cur = hook.cache.current_stats()
-        return (cur if cur.calls else None), hook.cache.last_run
+    hook_class = SADAHook
 
 
 def enable_sada(pipe: Any, config: SADAConfig | None = None, **kwargs: Any) -> Any:
@@ -57,6 +47,7 @@ def enable_sada(pipe: Any, config: SADAConfig | None = None, **kwargs: Any) -> A
     Calling it again replaces the previous settings. Returns the pipeline.
     """
     config = make_config(SADAConfig, config, kwargs)
+    refuse_stacked_step_cache(pipe, "sada")
     return install(pipe, "sada", lambda: SADAFeature(pipe, config))
 
 

@@ -295,7 +295,7 @@ class SparseAttentionHook(DenoiserHook):
         self.active = False  # a run is in progress and its report is still due
 
     def on_run_start(self, num_steps: int | None) -> None:
-        self.policy.begin_run()
+        self.policy.begin_run(num_steps)
         self.active = True
 
     def on_run_end(self) -> None:

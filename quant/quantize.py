@@ -390,6 +390,8 @@ def dequantize_(module: nn.Module) -> bool:
     for name, lin in st.originals.items():
         parent, attr = _parent(module, name)
         current = getattr(parent, attr)
+        if isinstance(getattr(current, "base_layer", None), nn.Module):  # a LoRA (PEFT) loaded on the quantized
+            parent, attr, current = current, "base_layer", current.base_layer  # layer: keep the LoRA, swap its base
         w = getattr(current, "weight", None)
         device = w.device if isinstance(w, torch.Tensor) else st.devices[name]  # follows a later .to(device)
         setattr(parent, attr, lin.to(device) if lin.weight.device != device else lin)

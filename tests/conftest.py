@@ -35,3 +35,30 @@ def comfy(tmp_path_factory: pytest.TempPathFactory):
     if reason:
         pytest.skip(reason)
     return comfy_env.start(tmp_path_factory.mktemp("comfyui"))
+
+
+EMBEDDED_DIGITS = [0, 1, 2, 3, 4, 5]
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    """The embedded image model on CPU (one per test module: features are enabled on it), a generator of the
+    digits 0-5 (seed 0) that also returns the rows that reached the first transformer block per image, and
+    the baseline ``(images, rows per image)``. Shared by the step-cache tests (forecast, SADA, block caches)."""
+    import hasten
+    from hasten.embedded import generate_digits
+
+    pipe = hasten.load_embedded(device="cpu", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    rows = [0]
+    handle = pipe.transformer.blocks[0].register_forward_pre_hook(
+        lambda m, a: rows.__setitem__(0, rows[0] + a[0].shape[0]))
+
+    def gen():
+        rows[0] = 0
+        img = generate_digits(pipe, EMBEDDED_DIGITS, seed=0)
+        return img, rows[0] / len(EMBEDDED_DIGITS)
+
+    base = gen()
+    yield pipe, gen, base
+    handle.remove()

@@ -26,6 +26,15 @@ FEATURES: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "int8": [("int8", {})],
     "ag+sparse+easycache0.2": [("guidance", {"mode": "ag", "threshold": 0.993}), ("sparse", SPARSE),
                                ("easycache", {"threshold": 0.2})],
+    # issue 15's newer features: a scheduler patch that changes the sequence length mid-run, block caches
+    # (hooks on the blocks, i.e. inside diffusers' sequence split), step caches
+    "bottleneck": [("bottleneck", {})],
+    "bottleneck+easycache0.2": [("bottleneck", {}), ("easycache", {"threshold": 0.2})],
+    "delta_dit": [("delta_dit", {"interval": 2})],
+    # the 2 most stable of 4 blocks: an order picked from profiled values, which must be the same on every rank
+    "profiling_dit": [("profiling_dit", {"threshold": 0.5, "max_cached_fraction": 0.5})],
+    "sada": [("sada", {})],
+    "cachequant": [("cachequant", {})],
 }
 
 
@@ -73,6 +82,13 @@ def run_feature(name: str, parallel: str | None) -> dict[str, Any]:
             pipe.enable_sparse_attention(**kw)
         elif kind == "int8":
             hasten.quantize_pipeline(pipe, "int8")
+        elif kind == "cachequant":  # a fixed schedule (12 of 20 steps), no calibration run
+            from hasten.caches.cachequant import CacheQuantPlan
+
+            pipe.enable_cachequant(method="int8", plan=CacheQuantPlan(num_steps=20, computed=(
+                0, 1, 2, 3, 5, 7, 9, 11, 13, 15, 17, 19)))
+        else:  # bottleneck, delta_dit, profiling_dit, sada
+            getattr(pipe, f"enable_{kind}" if kind != "bottleneck" else "enable_bottleneck_sampling")(**kw)
     if parallel is not None:
         from diffusers import ContextParallelConfig
 

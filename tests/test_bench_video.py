@@ -44,7 +44,7 @@ def test_video_presets_cover_every_family():
     grid = [v.name for v in video_preset(20, "families")]
     for names in (compact, grid, [v.name for v in video_preset(20, "peers")]):
         assert names[0] == "baseline" and len(names) == len(set(names))
-    for family in ("hasten-easycache@", "hasten-ag@", "hasten-bottleneck@", "hasten-sparse@", "hasten-quant-w8a8",
+    for family in ("hasten-easycache@", "hasten-ag@", "hasten-bottleneck@", "hasten-sparse", "hasten-quant-w8a8",
                    "hasten-easycache+ag+bottleneck", "hasten-stack",
                    "diffusers-fbc@", "diffusers-taylorseer@", "diffusers-magcache@", "cache-dit-dbcache@"):
         assert any(n.startswith(family) for n in compact), family

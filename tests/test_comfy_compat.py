@@ -15,6 +15,11 @@ Issue 15, ComfyUI side, in the real engine (0.3.75, or ``$HASTEN_COMFYUI_DIR`` f
   same wrapper with a graph-counting eager backend (inductor on 2 CPU cores takes minutes per graph; the
   wrapper, guards and graph breaks are the backend-independent part). Output must match the eager run of
   the same node exactly and the number of compiled graphs must not grow with a second run.
+
+The newer caches (Δ-DiT, ProfilingDiT, SADA, CacheQuant: ``NEW_NODES``) run in the LoRA tests (they must reuse
+work and leave nothing behind: the node alone and the plain model give the same output after the LoRA'd run)
+and, except the block caches (the UNet has no ``patches_replace['dit']`` blocks: refused), in the SD1.5
+ControlNet tests. Flux ControlNet, and compile with a block cache: test_comfy_compat2.py.
 """
 
 from __future__ import annotations
@@ -62,10 +67,33 @@ def _patch(comfy, feature: str, model: Any) -> Any:
         return ce.call_node(nc["HastenSparseAttention"], model, 0.8, 2, 16, 3, 0)[0]
     if feature == "quant":
         return ce.call_node(nc["HastenQuantize"], model, "int8_weight_only", 64, 0.0)[0]
+    if feature in NEW_NODES:
+        node_id, settings = NEW_NODES[feature]
+        return ce.call_node(nc[node_id], model, **settings)[0]
     raise KeyError(feature)
 
 
-FEATURES = ["easycache", "guidance", "bottleneck", "sparse", "quant"]
+# The caches added after the first compatibility pass (issues 13/14): node id and settings that skip work in 8 steps.
+NEW_NODES: dict[str, tuple[str, dict]] = {
+    "delta_dit": ("HastenDeltaDiT", dict(interval=2, num_cached_blocks=1)),
+    "profiling_dit": ("HastenProfilingDiT", dict(threshold=0.3)),
+    "sada": ("HastenSADA", dict(threshold=0.5)),
+    "cachequant": ("HastenCacheQuant", dict(schedule="0,1,2,4,6,7", steps=STEPS, method="int8_weight_only")),
+}
+BLOCK_CACHES = ("delta_dit", "profiling_dit")  # blocks through patches_replace['dit']: not the SD1.x UNet
+
+
+def reused(comfy, feature: str, patched: Any) -> int:
+    """Block forwards (block caches) or branch forwards (step caches) the node reused in its last run."""
+    import importlib
+
+    node_id = NEW_NODES[feature][0]
+    run = importlib.import_module(comfy.node_classes[node_id].__module__).stats(patched)
+    assert run is not None, f"{node_id} recorded no run"
+    return run.reused
+
+
+FEATURES = ["easycache", "guidance", "bottleneck", "sparse", "quant", *NEW_NODES]
 # The Bottleneck KSampler moves the image itself (measured: 0.92 relative to the baseline on the tiny SD1.5, where
 # the control delta is 0.04), so the delta's direction changes with it: only its size is compared there.
 LOOSE = {"bottleneck"}
@@ -80,15 +108,21 @@ def _check_delta(what: str, feature: str, ratio: float, err: float) -> None:
 
 def _run(comfy, feature: str, model: Any, pos, neg, lat, counted: Any = None) -> tuple[torch.Tensor, int]:
     """Sample ``model`` with ``feature`` (or none: "base"); returns the latent and the rows reaching the first
-    transformer block of ``counted`` (default ``model``)."""
+    transformer block of ``counted`` (default ``model``). A new cache's reuse count lands in ``LAST_REUSED``."""
     with ce.ForwardCounter(counted or model) as fc:
         if feature == "bottleneck":
             node = comfy.node_classes["HastenBottleneckSampler"]
             out = ce.call_node(node, model, 0, STEPS, CFG, "euler", "simple", pos, neg, lat, "1,0.5,1",
                                "0.25,0.75")[0]["samples"]
         else:
-            out = _ksample(comfy, model if feature == "base" else _patch(comfy, feature, model), pos, neg, lat)
+            patched = model if feature == "base" else _patch(comfy, feature, model)
+            out = _ksample(comfy, patched, pos, neg, lat)
+            if feature in NEW_NODES:
+                LAST_REUSED[feature] = reused(comfy, feature, patched)
     return out, fc.rows
+
+
+LAST_REUSED: dict[str, int] = {}
 
 
 def _effect(with_: torch.Tensor, without: torch.Tensor, base_with: torch.Tensor, base_without: torch.Tensor
@@ -168,6 +202,12 @@ def test_lora_effect_survives_each_hasten_node(comfy, emb, lora, feature) -> Non
     assert not torch.equal(feat, lora["base"]), f"{feature} had no effect"  # not a silent no-op
     if feature in ("easycache", "guidance"):
         assert rows_feat < lora["rows"] and rows_both < lora["rows"], (rows_feat, rows_both)
+    if feature in NEW_NODES:
+        assert LAST_REUSED[feature] > 0, f"{feature} reused nothing under the LoRA"
+        # no leak after the run: the plain model and the node alone give what they gave before the LoRA'd run
+        again, _ = _run(comfy, feature, m, pos, neg, lat)
+        plain, _ = _run(comfy, "base", m, pos, neg, lat)
+        assert torch.equal(again, feat) and torch.equal(plain, lora["base"]), (_rel(again, feat), _rel(plain, lora["base"]))
     ratio, err = _effect(both, feat, lora["with_lora"], lora["base"])
     print(f"LoRA under {feature}: |delta| ratio {ratio:.3f}, rel. error of delta {err:.3f}; node alone vs base "
           f"{_rel(feat, lora['base']):.3f}, LoRA delta {_rel(lora['with_lora'], lora['base']):.3f}")
@@ -193,6 +233,21 @@ def test_quantize_after_a_lora_run_quantizes_the_original_weights(comfy, emb, lo
     _ksample(comfy, lora["lora_model"], pos, neg, lat)  # leaves its weights patched in
     late = _ksample(comfy, _patch(comfy, "quant", m), pos, neg, lat)
     assert torch.equal(late, fresh), _rel(late, fresh)
+
+
+def test_lora_after_a_quantized_run_is_applied(comfy, emb, lora) -> None:
+    """Plain run, quantized run, then a LoRA'd (quantized) clone: the LoRA must apply. ComfyUI marks patched
+    modules and unmarks only those in the model when it unpatches, so the layers a quantized clone had swapped
+    out came back marked "patched" and the LoRA skipped them (measured before the fix: LoRA delta 0.005
+    instead of 0.378 under CacheQuant/Quantize)."""
+    m, pos, neg, lat = emb["model"], emb["pos"], emb["neg"], emb["lat"]
+    plain = _ksample(comfy, m, pos, neg, lat)
+    quant = _ksample(comfy, _patch(comfy, "quant", m), pos, neg, lat)
+    both = _ksample(comfy, _patch(comfy, "quant", lora["lora_model"]), pos, neg, lat)
+    after = _ksample(comfy, lora["lora_model"], pos, neg, lat)  # a plain LoRA clone after the quantized ones
+    assert torch.equal(plain, lora["base"]) and torch.equal(after, lora["with_lora"]), _rel(after, lora["with_lora"])
+    ratio, err = _effect(both, quant, lora["with_lora"], lora["base"])
+    assert 0.7 < ratio < 1.3 and err < 0.35, (ratio, err)
 
 
 def _with_defaults(comfy, class_type: str, inputs: dict) -> dict:
@@ -265,7 +320,16 @@ def test_controlnet_steers_the_tiny_unet(control) -> None:
     assert control["rows"] == 2 * STEPS and rel > 0.02, rel  # measured 0.037
 
 
-@pytest.mark.parametrize("feature", FEATURES)
+def test_block_caches_refuse_the_unet(comfy, control) -> None:
+    """Δ-DiT / ProfilingDiT need blocks routed through patches_replace['dit']; the SD1.x UNet has none: a node
+    error naming what is supported, at patch time (the Flux ControlNet runs them: test_comfy_compat2.py)."""
+    for feature in BLOCK_CACHES:
+        with pytest.raises(Exception, match="patches_replace") as info:
+            _patch(comfy, feature, control["model"])
+        assert type(info.value).__name__ == "UnsupportedModelError"
+
+
+@pytest.mark.parametrize("feature", [f for f in FEATURES if f not in BLOCK_CACHES])
 def test_controlnet_effect_survives_each_hasten_node(comfy, control, feature) -> None:
     c = control
     m = c["model"]
@@ -285,6 +349,8 @@ def test_controlnet_effect_survives_each_hasten_node(comfy, control, feature) ->
     assert not torch.equal(feat, c["base"]), f"{feature} had no effect"
     if feature in ("easycache", "guidance"):
         assert rows_both < c["rows"], rows_both
+    if feature in NEW_NODES:
+        assert LAST_REUSED[feature] > 0, f"{feature} reused nothing under the ControlNet"
     ratio, err = _effect(both, feat, c["with"], c["base"])
     print(f"ControlNet under {feature}: |delta| ratio {ratio:.3f}, rel. error of delta {err:.3f}; node alone vs "
           f"base {_rel(feat, c['base']):.3f}, control delta {_rel(c['with'], c['base']):.3f}")

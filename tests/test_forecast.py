@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-import hasten
 from hasten import metrics
 from hasten.caches import EasyCache, EasyCacheConfig
 from hasten.caches.easycache import lagrange_extrapolate
@@ -79,27 +78,7 @@ def test_forecast_state_is_per_branch_and_per_run():
 
 
 # -- the embedded model (diffusers) --------------------------------------------------------------
-DIGITS = [0, 1, 2, 3, 4, 5]
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    from hasten.embedded import generate_digits
-
-    pipe = hasten.load_embedded(device="cpu", dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    block0 = pipe.transformer.blocks[0]
-    rows = [0]
-    handle = block0.register_forward_pre_hook(lambda m, a: rows.__setitem__(0, rows[0] + a[0].shape[0]))
-
-    def gen():
-        rows[0] = 0
-        img = generate_digits(pipe, DIGITS, seed=0)
-        return img, rows[0] / len(DIGITS)
-
-    base = gen()
-    yield pipe, gen, base
-    handle.remove()
+# the `embedded` fixture (conftest.py): the model, a 6-digit generator counting block-0 rows, the baseline
 
 
 def test_threshold_zero_with_forecast_is_bit_identical(embedded):

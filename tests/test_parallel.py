@@ -5,6 +5,9 @@ Each feature runs on the embedded model (4 heads, 64 tokens) once in one process
 the same image as each other and as the single process, having made the same decisions: the batch size of
 every call of the first transformer block (below every hook) and the EasyCache / guidance timelines.
 Sparse attention under Ring (sequence-sharded keys) must be refused, not run rank-locally.
+Issue 15's newer features: bottleneck sampling (the sequence shrinks mid-run: 64 -> 16 tokens, still even),
+alone and with EasyCache; Δ-DiT; ProfilingDiT (its per-block profile runs inside diffusers' sequence split and
+is all-gathered so every rank caches the same blocks); SADA; CacheQuant (a fixed schedule).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import pytest
 import torch
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
-FEATURES = ["base", "easycache0", "easycache0.2", "ag", "sparse", "int8", "ag+sparse+easycache0.2", "flux"]
+FEATURES = ["base", "easycache0", "easycache0.2", "ag", "sparse", "int8", "ag+sparse+easycache0.2", "flux",
+            "bottleneck", "bottleneck+easycache0.2", "delta_dit", "profiling_dit", "sada", "cachequant"]
 # dense attention and hooks that see the full tensors: identical up to float reordering (measured: 0.0);
 # sparse attention runs the PyTorch reference over the rank's head shard (measured: 1e-6)
 TOLERANCE = {"sparse": 1e-4, "ag+sparse+easycache0.2": 1e-4}
@@ -52,7 +56,8 @@ def _decisions(summary: str) -> list[str]:
     keep, lines = False, []
     for line in summary.splitlines():
         if line.startswith("["):
-            keep = line.startswith(("[easycache]", "[guidance]"))
+            keep = line.startswith(("[easycache]", "[guidance]", "[bottleneck]", "[delta_dit]", "[profiling_dit]",
+                                    "[sada]", "[cachequant]"))
         if keep:
             lines.append(line)
     return lines
@@ -86,6 +91,14 @@ def test_features_had_effect(results: dict[str, Any]) -> None:
                 for x in (*ranks, results["single"])]
         assert kept[0] + kept[1] == kept[2], kept
     assert (ranks[0]["sparse"]["image"] - base["image"]).abs().max().item() > 1e-3  # sparse changed the output
+    for r in ranks:  # issue 15's newer features really worked on the ranks
+        assert "2 resolution changes" in r["bottleneck"]["summary"], r["bottleneck"]["summary"]
+        assert len(r["bottleneck+easycache0.2"]["calls"]) < 40
+        for feature in ("delta_dit", "profiling_dit"):
+            m = re.search(r"block forwards computed, (\d+) reused", r[feature]["summary"])
+            assert m and int(m.group(1)) > 0, r[feature]["summary"]
+        assert "cached blocks [" in r["profiling_dit"]["summary"]
+        assert len(r["sada"]["calls"]) < 40 and len(r["cachequant"]["calls"]) < 40
 
 
 def test_sparse_attention_refuses_ring(results: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import EMBEDDED_DIGITS
 
 import hasten
 from hasten import metrics
@@ -106,27 +107,7 @@ def test_bad_settings_are_rejected(bad):
 
 
 # -- the embedded model (diffusers) --------------------------------------------------------------
-DIGITS = [0, 1, 2, 3, 4, 5]
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    from hasten.embedded import generate_digits
-
-    pipe = hasten.load_embedded(device="cpu", dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    rows = [0]
-    handle = pipe.transformer.blocks[0].register_forward_pre_hook(
-        lambda m, a: rows.__setitem__(0, rows[0] + a[0].shape[0]))
-
-    def gen():
-        rows[0] = 0
-        img = generate_digits(pipe, DIGITS, seed=0)
-        return img, rows[0] / len(DIGITS)
-
-    base = gen()
-    yield pipe, gen, base
-    handle.remove()
+DIGITS = EMBEDDED_DIGITS  # what the `embedded` fixture (conftest.py) generates
 
 
 def test_off_is_bit_identical_and_disable_restores(embedded):

@@ -4,6 +4,7 @@ Ctrl-C keeps the best, the timestep schedule is exact when off, and the ComfyUI 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -239,3 +240,127 @@ def test_import_hasten_tune_is_callable() -> None:
     import hasten.tune.search  # noqa: F401 - importing a submodule rebinds hasten.tune to the package
 
     assert callable(hasten.tune) and callable(hasten.apply)
+
+
+# -- the video model (issue 14 at 30 dB) -------------------------------------------------------------------
+VIDEO_CALL = {"num_inference_steps": 4, "num_frames": 5, "height": 16, "width": 16}  # a faithful miniature run
+
+
+@pytest.fixture(scope="module")
+def video_pipe():
+    torch.set_num_threads(1)
+    return hasten.load_embedded("video")
+
+
+def _video(pipe, prompts, seed: int) -> torch.Tensor:
+    from hasten.tune.search import default_generate
+
+    return default_generate(VIDEO_CALL)(pipe, prompts, seed)
+
+
+def test_video_tune_preset_reproduces_the_best_trial(video_pipe, pipe, tmp_path) -> None:
+    """A tiny video search: clips scored per frame and per clip, the preset is marked "video", and applying the
+    saved tuned.json to a freshly loaded pipeline reproduces the best trial exactly (same PSNR against the
+    baseline clips, same denoiser rows), while an image pipeline refuses it."""
+    from hasten.bench.runner import _as_images
+    from hasten.embedded.video import video_prompts
+
+    prompts, held = video_prompts([3, 7], ["left", "up"]), video_prompts([5], ["right"])
+    r = hasten.tune(video_pipe, prompts, min_psnr=20.0, seeds=(0,), holdout_seeds=(1007,), holdout_prompts=held,
+                    features=["timestep_schedule", "easycache", "bottleneck_sampling"], n_trials=3,
+                    call_kwargs=VIDEO_CALL, repeats=1, progress=False)
+    assert r.preset["model"] == "video" and r.best is not None and r.best.features
+    assert all(t.motion_accuracy is not None and t.accuracy is not None for t in r.trials if t.error is None)
+    assert r.held_out["met"] and r.held_out["psnr"] >= 20.0 and r.held_out["motion_accuracy"] is not None
+    path = save_preset(r.preset, tmp_path / "tuned.json")
+    fresh = hasten.load_embedded("video")
+    base = _video(fresh, prompts, 0)
+    apply(fresh, str(path))
+    try:
+        with _Rows(fresh) as rows:
+            clips = _video(fresh, prompts, 0)
+    finally:
+        disable_features(fresh, list(r.preset["features"]))
+    assert clips.shape == base.shape == (2, 5, 3, 16, 16)
+    assert metrics.psnr(_as_images(clips), _as_images(base)) == pytest.approx(r.best.psnr, abs=1e-4)
+    assert rows.n / 2 == pytest.approx(r.best.forwards_per_image)  # rows per clip at the first block
+    with pytest.raises(PresetError, match="tuned on a video model.*makes images"):
+        apply(pipe, str(path))
+    assert features(pipe) == {}
+    image_preset = {**PRESET, "model": "image"}
+    with pytest.raises(PresetError, match="tuned on a image model.*makes videos"):
+        apply(fresh, image_preset)
+    assert features(fresh) == {}
+    apply(fresh, image_preset, check_model=False)  # explicitly allowed: the settings themselves apply
+    disable_features(fresh, list(PRESET["features"]))
+
+
+def test_video_floors_need_video_prompts(pipe) -> None:
+    with pytest.raises(ValueError, match="min_motion_accuracy needs embedded-video prompts"):
+        hasten.tune(pipe, ["digit 1"], min_motion_accuracy=0.5)
+    from hasten.tune.search import video_targets
+
+    assert video_targets(["digit 3 moving left", " digit 0 moving up "]) == ([3, 0], ["left", "up"])
+    assert video_targets(["digit 3 moving sideways"]) is None and video_targets([]) is None
+
+
+def test_slower_than_baseline_trials_are_cut_short(pipe, monkeypatch) -> None:
+    """A stack slower than the baseline is stopped at slow_factor x its CPU time, not run to the end."""
+    from hasten.tune import SPACE, Entry
+
+    def slow(p, settings, ctx) -> None:
+        def pre(m, a) -> None:
+            t = time.process_time()
+            while time.process_time() - t < 0.05:
+                pass
+
+        handles.append(p.transformer.blocks[0].register_forward_pre_hook(pre))
+
+    def unslow(p) -> None:
+        while handles:
+            handles.pop().remove()
+
+    handles: list = []
+    monkeypatch.setitem(SPACE, "slowpoke", Entry("slowpoke", lambda t: {}, dict, slow, unslow))
+    r = hasten.tune(pipe, digit_prompts([2]), min_psnr=20.0, seeds=(0,), holdout_seeds=(1000,),
+                    features=["slowpoke"], n_trials=1, call_kwargs={"num_inference_steps": STEPS}, progress=False)
+    t = r.trials[0]
+    assert t.features == {"slowpoke": {}} and not handles
+    assert t.error and "slower than 1.2x" in t.error and not t.feasible and r.best is None
+    assert t.speedup == pytest.approx(1 / 1.2)
+
+
+# -- CacheQuant: one calibration per (method, sampling) in a search ------------------------------------------
+def test_cachequant_calibrates_once_per_method_and_schedule(pipe, monkeypatch) -> None:
+    """Trials that only move CacheQuant's speed-up re-plan from the memoised calibration (one calibration per
+    method and schedule), and give exactly what a fresh calibration gives."""
+    import hasten.pipelines as hp
+    from hasten.tune import SPACE, Context
+
+    calls = []
+    orig = hp.calibrate_cachequant
+    monkeypatch.setattr(hp, "calibrate_cachequant", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    ctx = Context(digit_prompts(DIGITS), call_kwargs={"num_inference_steps": STEPS})
+    entry = SPACE["cachequant"]
+    outs = {}
+    for speedup in (1.5, 2.0, 1.5):
+        entry.enable(pipe, {"method": "int8", "speedup": speedup}, ctx)
+        try:
+            outs.setdefault(speedup, []).append(_gen(pipe, 11))
+        finally:
+            entry.disable(pipe)
+    assert len(calls) == 1 and torch.equal(*outs[1.5])
+    hasten.tune.enable_timestep_schedule(pipe, steps=6)  # another schedule: another calibration
+    try:
+        entry.enable(pipe, {"method": "int8", "speedup": 1.5}, ctx)
+        entry.disable(pipe)
+    finally:
+        hasten.tune.disable_timestep_schedule(pipe)
+    assert len(calls) == 2 and ctx.cache["cachequant-calibrations"] == 2
+    pipe.enable_cachequant(method="int8", speedup=2.0, calibration_prompts=tuple(digit_prompts(DIGITS)),
+                           num_inference_steps=STEPS)  # calibrating afresh, no memo
+    try:
+        fresh = _gen(pipe, 11)
+    finally:
+        pipe.disable_cachequant()
+    assert torch.equal(fresh, outs[2.0][0]) and features(pipe) == {}

@@ -404,3 +404,26 @@ def test_closing_the_page_stops_the_run(app_url, browser):
     ran = len(SLOW_STEPS) - before
     print(f"closed the page: run stopped {waited:.1f} s later after {ran} of 900 steps")
     assert ran < 900 / 2
+
+
+def test_new_cache_panel_in_the_browser(app_url, browser):
+    """Pick Δ-DiT in configuration A (EasyCache off, B off), run, and read its row back: fewer forwards (the
+    block cache skipped blocks), PSNR against the baseline; the per-step timeline is drawn."""
+    url, handles, _ = app_url
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    _load(page, url)
+    _set_slider(page, "steps", 10)
+    page.locator("#timing-repeats input").fill("1")
+    page.locator("#cfg-B-on input[type=checkbox]").uncheck()
+    page.locator("#cfg-A-easycache input[type=checkbox]").uncheck()
+    page.locator("#cfg-A-delta_dit input[type=checkbox]").check()
+    _wait_shown(page, "#cfg-A-delta_dit-details")
+    _set_slider(page, "cfg-A-delta_dit-interval", 3)
+    page.locator("#run").click()
+    base, a = _wait_results(page, 2)
+    assert a[0] == "A: delta-dit@3"
+    assert _num(base[3]) == 20 and 0 < _num(a[3]) < 20  # blocks reused: fractional forwards below 20
+    assert math.isfinite(_num(a[4])) and 0 < _num(a[5]) <= 1 and _num(a[2]) > 0
+    assert page.locator("#timeline img, #timeline svg, #timeline canvas").count() >= 1
+    assert getattr(handles["embedded"].pipe, "_hasten_features", {}) == {}
+    page.close()

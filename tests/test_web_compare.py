@@ -393,3 +393,164 @@ def test_hub_id_offline_message(monkeypatch):
     assert "not available offline" in msg and "local_files_only" not in msg and "folder" in msg
     with pytest.raises(ModelLoadError, match="no such folder: /nowhere/model"):
         load_model("/nowhere/model")
+
+
+# ----------------------------------------------------- issue 13's panels: Δ-DiT, ProfilingDiT, SADA, CacheQuant
+NEW = {  # family -> (settings that skip work, settings that are off, the pipeline method)
+    "delta_dit": ({"interval": 2}, {"interval": 1}, "delta_dit"),
+    "profiling_dit": ({"threshold": 0.5}, {"threshold": 0.0}, "profiling_dit"),
+    "sada": ({"max_interval": 2, "threshold": 0.5}, {"max_interval": 0}, "sada"),
+    "easycache": ({"threshold": 0.3, "forecast": "quadratic"}, {"threshold": 0.0, "forecast": "quadratic"},
+                  "easycache"),
+}
+
+
+def _direct(h: ModelHandle, method: str, settings: dict, req: GenerationRequest = REQ) -> torch.Tensor:
+    """The image the library gives with ``pipe.enable_<method>(**settings)`` (then disabled again)."""
+    getattr(h.pipe, f"enable_{method}")(**settings)
+    try:
+        return h.generate(h.validate(req))[0]
+    finally:
+        getattr(h.pipe, f"disable_{method}")()
+
+
+@pytest.mark.parametrize("family", list(NEW))
+def test_new_panels_match_the_library_and_off_is_identical(handle, family):
+    """Each new panel gives the image of enable_* called directly with the same settings (mapped 1:1), skips
+    real work (forwards counted at the blocks), is bit-identical to the baseline when off, and restores."""
+    on, off, method = NEW[family]
+    spec = PANELS[family]
+    before = [p.detach().clone() for p in handle.pipe.transformer.parameters()]
+    comp = run_comparison(handle, REQ, [configuration("A", {family: {**spec.defaults(2), **on}}),
+                                        configuration("B", {family: {**spec.defaults(2), **off}})])
+    base, fast, same = comp.runs
+    assert fast.error is None and same.error is None
+    settings = spec.variant({**spec.defaults(2), **on}).settings
+    assert all(settings[k] == v for k, v in on.items())  # each control is the enable_* argument of that name
+    assert torch.equal(fast.image, _direct(handle, method, settings))
+    assert fast.forwards < base.forwards == 20 and math.isfinite(fast.psnr)
+    assert torch.equal(same.image, base.image) and same.forwards == 20 and math.isinf(same.psnr)
+    # the timeline: one row per branch; block caches record the share of blocks computed per step
+    assert fast.timeline and sum(sum(d) for d in fast.timeline.values()) == pytest.approx(fast.forwards)
+    assert len(timeline_figure(comp).axes[0].get_yticklabels()) == 1 + len(fast.timeline) + len(same.timeline)
+    assert _restored(handle)
+    assert all(torch.equal(a, b) for a, b in zip(handle.pipe.transformer.parameters(), before))
+
+
+def test_panel_defaults_are_the_librarys():
+    from hasten.caches import EasyCacheConfig
+    from hasten.caches.blockcache import DeltaDiTConfig, ProfilingDiTConfig
+    from hasten.caches.cachequant import CacheQuantConfig
+    from hasten.caches.sada import SADAConfig
+
+    for family, cls in (("delta_dit", DeltaDiTConfig), ("profiling_dit", ProfilingDiTConfig), ("sada", SADAConfig),
+                        ("cachequant", CacheQuantConfig), ("easycache", EasyCacheConfig)):
+        lib = cls()
+        for name, value in PANELS[family].defaults(2).items():
+            if family == "easycache" and name == "threshold":
+                continue  # slots start at their own thresholds (0.1 / 0.3 / 0.5)
+            want = getattr(lib, name, None)
+            if name == "num_cached_blocks" and want is None:
+                want = "half"  # None: half of the model's blocks
+            if name == "speedup" and want is None:
+                want = 2.0  # None: the library's default schedule, speed-up 2
+            assert value == want, (family, name)
+    assert CacheQuantConfig().computed_for(10) == 5  # speed-up 2 is the library's default schedule
+
+
+def _context(h: ModelHandle, req: GenerationRequest = REQ, store=None):
+    from hasten.web.panels import CalibrationStore, PanelContext
+
+    return PanelContext(h, h.validate(req), store if store is not None else CalibrationStore())
+
+
+def test_cachequant_panel_calibrates_once_and_matches_the_library(handle):
+    """CacheQuant calibrates once per (model, method, steps) in the app's store, with progress, and gives the
+    image of calibrate_cachequant + enable_cachequant called directly."""
+    from dataclasses import replace
+
+    import hasten
+
+    seeds = []
+    inner = handle.generate_fn
+
+    def counting(pipe, request, prompts, on_step=None):
+        seeds.append(request.seed)
+        return inner(pipe, request, prompts, on_step)
+
+    handle.generate_fn = counting
+    try:
+        progress = []
+        ctx = _context(handle)
+        ctx.progress = lambda f, d: progress.append((f, d))
+        values = {**PANELS["cachequant"].defaults(0), "speedup": 2.0}
+        comp = run_comparison(handle, REQ, [configuration("A", {"cachequant": values}, ctx)])
+        base, cq = comp.runs
+        assert cq.error is None and cq.forwards == 10 < base.forwards  # 5 of 10 steps computed, both branches
+        assert seeds.count(7) == 2 and len(ctx.calibrations) == 1  # full precision + quantized, on seed 7
+        assert any("calibrating CacheQuant" in d for _, d in progress) and progress[-1][0] == pytest.approx(1.0)
+        # the same key again (another request, same model/method/steps): no new calibration
+        run_comparison(handle, replace(REQ, digit=5, seed=4), [configuration("A", {"cachequant": values}, ctx)])
+        assert seeds.count(7) == 2 and len(ctx.calibrations) == 1
+        # other steps: a new calibration
+        run_comparison(handle, replace(REQ, steps=8), [configuration("A", {"cachequant": values},
+                                                                     _context(handle, replace(REQ, steps=8),
+                                                                              ctx.calibrations))])
+        assert seeds.count(7) == 4 and len(ctx.calibrations) == 2
+        # the library called directly with the same calibration runs
+        prompts = [f"digit {d}" for d in range(10)]
+        req = handle.validate(REQ)
+        cal = hasten.calibrate_cachequant(handle.pipe, method="int8", calibration_prompts=tuple(prompts),
+                                          calibration_seeds=(7,), num_inference_steps=10,
+                                          sample=lambda: handle.generate(replace(req, seed=7), prompts))
+        handle.pipe.enable_cachequant(method="int8", speedup=2.0, calibration=cal)
+        try:
+            direct = handle.generate(req)[0]
+        finally:
+            handle.pipe.disable_cachequant()
+        assert torch.equal(cq.image, direct)
+    finally:
+        handle.generate_fn = inner
+    assert _restored(handle)
+    with pytest.raises(ValueError, match="needs the model and request"):
+        configuration("A", {"cachequant": values})
+
+
+def test_combinations_the_pipeline_refuses_are_said_in_the_row(handle):
+    """What does not stack is the pipeline's rule: the row says why, nothing stays on, the others still run."""
+    ctx = _context(handle)
+    d = {f: PANELS[f].defaults(0) for f in PANELS if f != "preset"}
+    comp = run_comparison(handle, REQ, [
+        configuration("A", {"delta_dit": d["delta_dit"], "profiling_dit": d["profiling_dit"]}, ctx),
+        configuration("B", {"easycache": d["easycache"], "cachequant": d["cachequant"]}, ctx),
+        configuration("C", {"quant": d["quant"], "cachequant": d["cachequant"]}, ctx),
+    ])
+    a, b, c = comp.runs[1:]
+    assert "replaced delta_dit" in a.error and "do not combine" in a.error and a.image is None
+    assert "disable EasyCache first" in b.error and b.image is None
+    assert "replaced quant" in c.error and c.image is None
+    assert _restored(handle)
+    _, rows = metrics_table(comp)
+    assert all(r[1].startswith("failed: ") for r in rows[1:])
+    # settings the library refuses are refused before anything runs, with its message
+    with pytest.raises(ValueError, match=r"SADAConfig.end \(0.1\) must be >= start \(0.2\)"):
+        configuration("A", {"sada": {**d["sada"], "end": 0.1}})
+    with pytest.raises(ValueError, match="not one of"):
+        configuration("A", {"delta_dit": {**d["delta_dit"], "num_cached_blocks": "all"}})
+
+
+def test_block_cache_on_a_unet_says_what_is_supported():
+    import tiny_pipes as tp
+
+    pipe, kw = tp.sd15()
+    pipe.set_progress_bar_config(disable=True)
+
+    def gen(p, request, prompts, on_step=None):
+        out = p(**kw, num_inference_steps=request.steps, guidance_scale=request.guidance, output_type="pt",
+                generator=torch.Generator().manual_seed(request.seed)).images
+        return torch.as_tensor(out).float().clamp(0, 1)
+
+    h = ModelHandle("unet", pipe, gen, digits=True, default_steps=4, default_size=16, size_fixed=True)
+    comp = run_comparison(h, GenerationRequest(digit=3, steps=4), [configuration("A", {"delta_dit": {}})])
+    assert "UnsupportedModelError" in comp.runs[1].error and "UNet" in comp.runs[1].error
+    assert comp.runs[0].image is not None and features(pipe) == {}

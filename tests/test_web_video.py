@@ -122,6 +122,40 @@ def test_real_video_model_in_the_comparison(reads_three):
     assert "moves" in compare.metrics_table(comp)[0]
 
 
+def test_new_cache_panels_on_clips(reads_three):
+    """Issue 13's panels on the video model's shape: Δ-DiT, ProfilingDiT, SADA skip work on clips; CacheQuant
+    calibrates on the clip prompts (one per direction) once and follows its schedule; nothing stays on."""
+    from hasten.pipelines import features
+    from hasten.web.panels import PANELS, CalibrationStore, PanelContext, configuration
+
+    h = tiny_video_handle()
+    req = h.validate(GenerationRequest(digit=3, direction="left", steps=8, seed=1))
+    prompts = []
+    inner = h.generate_fn
+
+    def counting(pipe, request, ps, on_step=None):
+        prompts.append(list(ps))
+        return inner(pipe, request, ps, on_step)
+
+    h.generate_fn = counting
+    ctx = PanelContext(h, req, CalibrationStore())
+    chosen = {"delta_dit": {"interval": 2}, "profiling_dit": {"threshold": 0.5}, "sada": {"max_interval": 2,
+              "threshold": 0.5}, "cachequant": {"speedup": 2.0}}
+    configs = [configuration(f, {f: {**PANELS[f].defaults(0), **v}}, ctx) for f, v in chosen.items()]
+    comp = compare.run_comparison(h, req, configs[:3])
+    comp_cq = compare.run_comparison(h, req, configs[3:])
+    base = comp.runs[0]
+    assert torch.equal(base.image, comp_cq.runs[0].image)
+    for r in comp.runs[1:] + comp_cq.runs[1:]:
+        assert r.error is None, r.name
+        assert r.image.shape == (TINY_FRAMES, 3, 16, 16) and r.forwards < base.forwards == 16
+        assert math.isfinite(r.psnr) and r.motion_read in (*DIRECTIONS, "still")
+    assert comp_cq.runs[1].forwards == 8  # 4 of 8 steps computed, cond + uncond
+    calib = [p for p in prompts if len(p) == 4]
+    assert len(calib) == 2 and calib[0] == [f"digit {d} moving {w}" for d, w in zip((0, 3, 5, 8), DIRECTIONS)]
+    assert features(h.pipe) == {}
+
+
 # ------------------------------------------------------------------------------------ in the browser
 def _table(page) -> list[list[str]]:
     """The metrics table's body rows (gradio's Dataframe is a virtual table of div rows)."""

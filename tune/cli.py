@@ -1,5 +1,6 @@
-"""``hasten tune``: search the fastest stack that keeps a quality floor on the embedded model (or reaches a
-speed-up at the best quality), write it as a preset JSON with held-out figures, and a Pareto plot."""
+"""``hasten tune``: search the fastest stack that keeps a quality floor on an embedded model (the digit image
+model, or with ``--model video`` the moving-digit video model), or reaches a speed-up at the best quality;
+write it as a preset JSON with held-out figures, and a Pareto plot."""
 
 from __future__ import annotations
 
@@ -42,7 +43,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-ssim", type=_fraction, default=None, help="SSIM floor vs. the baseline")
     g.add_argument("--min-digit-accuracy", type=_fraction, default=None,
                    help="share of images the digit classifier reads as the prompted digit (0-1)")
+    g.add_argument("--min-motion-accuracy", type=_fraction, default=None,
+                   help="--model video: share of clips whose digit moves the prompted way (0-1)")
     g.add_argument("--speedup", type=_above_one, default=None, help="speed target: the best quality at this speed-up")
+    p.add_argument("--model", choices=["image", "video"], default="image",
+                   help="embedded model to tune: image (digits) or video (moving digits, 17 frames at 32x32)")
+    p.add_argument("--clips", type=positive_int, default=2,
+                   help="--model video: calibration clips (hasten.embedded.video.eval_pairs; the held-out clips are "
+                        "the next ones)")
+    p.add_argument("--holdout-clips", type=positive_int, default=2, help="--model video: held-out clips")
     p.add_argument("--budget-minutes", type=_positive, default=15.0, help="search time budget (held-out check after)")
     p.add_argument("--budget-clock", choices=["wall", "cpu"], default="wall",
                    help="what the budget counts: wall-clock time, or this process's CPU time (a shared, busy box)")
@@ -52,9 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list-features", action="store_true", help="list the searchable families and exit")
     p.add_argument("--digits", type=_digit_string, default="0123456789", help="calibration digits (one prompt each)")
     p.add_argument("--seeds", type=positive_int, default=1, help="calibration seeds (0, 1000, ...)")
-    p.add_argument("--holdout-seeds", type=positive_int, default=2,
-                   help="held-out seeds for the final figures (never searched on)")
-    p.add_argument("--repeats", type=positive_int, default=3, help="interleaved wall-clock repeats of the final timing")
+    p.add_argument("--holdout-seeds", type=positive_int, default=None,
+                   help="held-out seeds for the final figures (never searched on; default 2 images, 1 video)")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="interleaved wall-clock repeats of the final timing (default 3 images, 2 video)")
     p.add_argument("--compare", choices=COMPARE, default="none",
                    help="singles: also time hand-set single accelerators (EasyCache sweep, MagCache, TaylorSeer) "
                         "in the held-out run, to read the best one reaching the floor")
@@ -65,9 +75,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _singles(steps: int) -> list:
+def _singles(steps: int, model: str = "image") -> list:
     from ..bench import variants as v
 
+    if model == "video":
+        # the hand-set settings around 30 dB in `hasten bench --model video` (EasyCache 0.3 w0.1: 29.1 dB,
+        # MagCache 0.12: 31.3, TaylorSeer @2: 38.7, DBCache 0.16: 40.0; FirstBlockCache 0.1's 29.6 misses 30)
+        return [v.easycache_grid(0.2), v.easycache_grid(0.3, 0.1, 6), v.diffusers_magcache(0.12, steps),
+                v.diffusers_taylorseer(2), v.cache_dit_dbcache(0.16)]
     # the hand-set settings around 35 dB in `hasten bench` (EasyCache 0.2 gives 33.8 dB there)
     return [v.hasten_easycache(0.1), v.hasten_easycache(0.15), v.diffusers_magcache(0.24, steps),
             v.diffusers_taylorseer(3)]
@@ -80,9 +95,13 @@ def run(args: argparse.Namespace) -> int:
         for name, e in SPACE.items():
             print(f"{name:22s} {'default' if e.default else 'opt-in: ' + e.why_not_default}")
         return 0
-    if all(v is None for v in (args.min_psnr, args.min_ssim, args.min_digit_accuracy, args.speedup)):
-        raise UserError("give an objective: --min-psnr, --min-ssim, --min-digit-accuracy or --speedup")
-    feats = default_features() if args.features is None else [f.strip() for f in args.features.split(",") if f.strip()]
+    if all(v is None for v in (args.min_psnr, args.min_ssim, args.min_digit_accuracy, args.speedup,
+                                args.min_motion_accuracy)):
+        raise UserError("give an objective: --min-psnr, --min-ssim, --min-digit-accuracy, --min-motion-accuracy "
+                        "or --speedup")
+    if args.min_motion_accuracy is not None and args.model != "video":
+        raise UserError("--min-motion-accuracy is a video floor: add --model video")
+    feats = default_features(args.model) if args.features is None else [f.strip() for f in args.features.split(",") if f.strip()]
     unknown = [f for f in feats if f not in SPACE]
     if unknown:
         raise UserError(f"unknown feature(s) {', '.join(unknown)}; known: {', '.join(SPACE)}")
@@ -99,18 +118,47 @@ def run(args: argparse.Namespace) -> int:
     from .plot import write_plot
 
     torch.set_num_threads(args.threads)
-    digits = [int(c) for c in args.digits]
-    pipe = load_embedded()
+    video = args.model == "video"
+    holdout_seeds = args.holdout_seeds or (1 if video else 2)
+    repeats = args.repeats or (2 if video else 3)
     seeds = [1000 * i for i in range(args.seeds)]
-    holdout = [1000 * (args.seeds + i) + 7 for i in range(args.holdout_seeds)]
-    result = tune(pipe, digit_prompts(digits), min_psnr=args.min_psnr, min_ssim=args.min_ssim,
-                  min_digit_accuracy=args.min_digit_accuracy, speedup=args.speedup, targets=digits, seeds=seeds,
-                  holdout_seeds=holdout, features=feats, budget_minutes=args.budget_minutes, budget_clock=args.budget_clock, n_trials=args.trials,
-                  steps=DEFAULT_STEPS, margin_db=args.margin if args.min_psnr is not None else 0.0,
-                  repeats=args.repeats, compare=_singles(DEFAULT_STEPS) if args.compare == "singles" else (),
-                  model="hasten embedded (WanPipeline, digits)", seed=args.seed, progress=not args.no_progress)
+    holdout = [1000 * (args.seeds + i) + 7 for i in range(holdout_seeds)]
+    if video:
+        from ..embedded.video import VIDEO_DEFAULT_STEPS, eval_pairs, video_prompts
+
+        steps = VIDEO_DEFAULT_STEPS
+        pairs = eval_pairs(args.clips + args.holdout_clips)
+        digits, dirs = pairs[0][:args.clips], pairs[1][:args.clips]
+        prompts = video_prompts(digits, dirs)
+        held = video_prompts(pairs[0][args.clips:], pairs[1][args.clips:])
+        held_targets: list[int] | None = pairs[0][args.clips:]
+        name = "hasten embedded video (WanPipeline, moving digits)"
+    else:
+        steps = DEFAULT_STEPS
+        digits = [int(c) for c in args.digits]
+        prompts, held, held_targets = digit_prompts(digits), None, None
+        name = "hasten embedded (WanPipeline, digits)"
+    pipe = load_embedded(args.model)
+    log = out / "trials.jsonl"
+    log.write_text("")
+
+    def record(t) -> None:  # every trial as it ends: a long run can be read (or stopped) half-way
+        from dataclasses import asdict
+
+        with log.open("a") as f:
+            f.write(json.dumps(asdict(t), default=_json_default) + "\n")
+
+    result = tune(pipe, prompts, min_psnr=args.min_psnr, min_ssim=args.min_ssim,
+                  min_digit_accuracy=args.min_digit_accuracy, min_motion_accuracy=args.min_motion_accuracy,
+                  speedup=args.speedup, targets=digits, seeds=seeds, holdout_seeds=holdout, holdout_prompts=held,
+                  holdout_targets=held_targets, features=feats, budget_minutes=args.budget_minutes,
+                  budget_clock=args.budget_clock, n_trials=args.trials, steps=steps,
+                  margin_db=args.margin if args.min_psnr is not None else 0.0, repeats=repeats,
+                  compare=_singles(steps, args.model) if args.compare == "singles" else (), model=name,
+                  seed=args.seed, progress=not args.no_progress, on_trial=record)
     (out / "tune.json").write_text(json.dumps(result.to_dict(), indent=1, default=_json_default) + "\n")
-    write_plot(result, out / "pareto.png", f"hasten tune on the embedded model ({len(result.trials)} trials)")
+    write_plot(result, out / "pareto.png",
+               f"hasten tune on the embedded {args.model} model ({len(result.trials)} trials)")
     ok = 0
     print(f"{len(result.trials)} trials in {result.search_seconds:.0f} s wall, "
           f"{result.preset['search']['cpu_seconds']:.0f} s CPU"
@@ -125,7 +173,9 @@ def run(args: argparse.Namespace) -> int:
         if h and h.get("speedup_wall") is not None:
             print(f"held-out (seeds {h['seeds']}, {h['repeats']} interleaved repeats): {h['speedup_wall']:.2f}x "
                   f"wall-clock, PSNR {h['psnr']:.2f} dB, SSIM {h['ssim']:.4f}, digit accuracy "
-                  f"{_pct(h['accuracy'])} (baseline {_pct(h['baseline_accuracy'])})")
+                  f"{_pct(h['accuracy'])} (baseline {_pct(h['baseline_accuracy'])})"
+                  + (f", motion accuracy {_pct(h['motion_accuracy'])} (baseline {_pct(h['baseline_motion_accuracy'])})"
+                     if video else ""))
         elif h:
             print("held-out check failed for every candidate:", h.get("checks"))
             ok = 1

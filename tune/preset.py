@@ -2,12 +2,14 @@
 
 Format (``format`` 1)::
 
-    {"format": 1, "hasten_version": "0.1.0", "model": "...",
+    {"format": 1, "hasten_version": "0.1.0", "model": "image" | "video", "model_name": "...",
      "features": {"timestep_schedule": {"steps": 9, "shift": 1.3}, "easycache": {"threshold": 0.1}, ...},
      "calibration_prompts": ["digit 0", ...],          # for quantization, if chosen
      "objective": {...}, "measured": {...}}             # informative: what was measured, on what
 
-Only ``format`` and ``features`` drive :func:`apply`; every feature's settings are checked by building
+Only ``format``, ``features`` and ``model`` drive :func:`apply`; a preset tuned on a video model is refused
+on an image pipeline and vice versa (its schedule, cache thresholds and floors were measured on the other
+kind of output). Every feature's settings are checked by building
 that family's own config before anything is enabled, and an unknown feature is an error naming the
 known ones.
 """
@@ -74,6 +76,8 @@ def validate_preset(data: Any) -> None:
     prompts = data.get("calibration_prompts", [])
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise PresetError("calibration_prompts must be a list of strings")
+    if "model" in data and not isinstance(data["model"], str):
+        raise PresetError(f"model must be a string ('image' or 'video'), got {data['model']!r}")
 
 
 def enable_features(pipe: Any, features: dict[str, dict[str, Any]], ctx: Context | None = None) -> list[str]:
@@ -102,17 +106,50 @@ def disable_features(pipe: Any, names: list[str]) -> None:
         raise errors[0]
 
 
-def apply(pipe: Any, preset: str | Path | dict[str, Any]) -> Any:
+MODEL_KINDS = ("image", "video")
+_VIDEO_PIPELINES = ("Wan", "LTX", "CogVideoX", "HunyuanVideo", "Mochi", "Allegro", "Latte", "AnimateDiff",
+                    "SkyReels", "StableVideo", "TextToVideo", "VideoToVideo", "I2VGen", "Cosmos")
+
+
+def pipeline_kind(pipe: Any) -> str:
+    """"video" or "image": what ``pipe`` generates by default (its ``call_defaults``' ``num_frames`` when it has
+    them, as the embedded models do, else its class name)."""
+    frames = (getattr(pipe, "call_defaults", None) or {}).get("num_frames")
+    if frames is not None:
+        return "video" if int(frames) > 1 else "image"
+    name = type(pipe).__name__
+    return "video" if "Video" in name or name.startswith(_VIDEO_PIPELINES) else "image"
+
+
+def _check_model(pipe: Any, data: dict[str, Any]) -> None:
+    """Refuse a preset tuned on the other kind of model (``data["model"]`` "image" / "video"; older presets
+    with a free-text ``model`` are not checked)."""
+    tuned = data.get("model")
+    if tuned not in MODEL_KINDS:
+        return
+    kind = pipeline_kind(pipe)
+    if kind != tuned:
+        raise PresetError(
+            f"this preset was tuned on a {tuned} model ({data.get('model_name', 'unnamed')}) but "
+            f"{type(pipe).__name__} makes {kind}s: its settings (timestep schedule, cache thresholds, stages) and "
+            f"measured quality do not carry over; run `hasten tune{' --model video' if kind == 'video' else ''}` "
+            f"on this model, or pass check_model=False to apply it anyway")
+
+
+def apply(pipe: Any, preset: str | Path | dict[str, Any], *, check_model: bool = True) -> Any:
     """Enable the stack of a preset (a ``hasten tune`` JSON file, its text, or its dict) on ``pipe``.
 
     The file is validated first (format, known features, every setting through its family's config); a
     bad file raises :class:`PresetError` (a ``ValueError``) and a missing one ``FileNotFoundError``, with
-    the pipeline untouched. Features already on are replaced by the preset's. Returns the pipeline.
+    the pipeline untouched; so does a preset tuned on the other kind of model (image vs video) unless
+    ``check_model=False``. Features already on are replaced by the preset's. Returns the pipeline.
     """
     data = load_preset(preset)
     from ..pipelines.registry import features as enabled
 
     enabled(pipe)  # refuses a non-pipeline (UnsupportedModelError) before anything is changed
+    if check_model:
+        _check_model(pipe, data)
     names = enable_features(pipe, data["features"], Context(list(data.get("calibration_prompts", []))))
     logger.info("hasten preset: enabled %s", ", ".join(names) or "nothing (the preset is the baseline)")
     return pipe
@@ -155,6 +192,7 @@ def preset_variant(preset: str | Path | dict[str, Any]) -> Any:
     enabled: list[str] = []
 
     def on(pipe: Any) -> None:
+        _check_model(pipe, data)
         enabled[:] = enable_features(pipe, data["features"], Context(list(data.get("calibration_prompts", []))))
 
     def off(pipe: Any) -> None:

@@ -160,8 +160,9 @@ def _enable_quant(pipe: Any, settings: Settings, ctx: Context) -> None:
     if key not in ctx.cache and ctx.calibration_prompts:
         from ..pipelines.quantize import _denoisers, calibrate_pipeline
 
+        kwargs = {k: v for k, v in ctx.call_kwargs.items() if k != "num_inference_steps"}  # it samples 4 steps
         ctx.cache[key] = dict(calibrate_pipeline(pipe, list(ctx.calibration_prompts), 4, list(_denoisers(pipe, None)),
-                                                 256, **ctx.call_kwargs))
+                                                 256, **kwargs))
     hp.quantize_pipeline(pipe, method, calibration=ctx.cache.get(key))
 
 
@@ -179,9 +180,11 @@ register(Entry("quantize", _suggest_quant, _validate_quant, _enable_quant, _disa
 def _suggest_bottleneck(trial: Any) -> Settings | None:
     if not trial.suggest_categorical("bottleneck.on", [False, True]):
         return None
-    start = round(trial.suggest_float("bottleneck.start", 0.1, 0.5), 3)
+    # the stages: full resolution -> `scale` from `start` to `end` (fractions of the run's steps) -> full
+    scale = trial.suggest_categorical("bottleneck.scale", [0.5, 0.75])
+    start = round(trial.suggest_float("bottleneck.start", 0.05, 0.5), 3)
     end = round(trial.suggest_float("bottleneck.end", start + 0.05, 0.95), 3)
-    return {"scales": [1.0, 0.5, 1.0], "boundaries": [start, end]}
+    return {"scales": [1.0, scale, 1.0], "boundaries": [start, end]}
 
 
 register(Entry("bottleneck_sampling", _suggest_bottleneck, _config("samplers.bottleneck", "BottleneckConfig"),
@@ -231,10 +234,37 @@ def _suggest_cachequant(trial: Any) -> Settings | None:
 
 
 def _enable_cachequant(pipe: Any, settings: Settings, ctx: Context) -> None:
+    """Enable CacheQuant from a calibration recorded once per (pipeline, method, sampling) and reused.
+
+    The calibration (full-precision and quantized traces of every step, plus the activations for the
+    quantization) depends on the method, on how the pipeline samples (the call's arguments and whatever
+    already patches it: the timestep schedule / bottleneck stages enabled before, in registry order) and on
+    the prompts, never on the settings a trial moves (``speedup``, ``num_computed_steps``, ``reuse``,
+    ``correction``): so a search calibrates each combination once, and every later trial only re-plans.
+    """
     import hasten.pipelines as hp
+    from hasten.caches.cachequant import CacheQuantConfig
 
     prompts = tuple(settings.pop("calibration_prompts", ()) or ctx.calibration_prompts)
-    hp.enable_cachequant(pipe, calibration_prompts=prompts, **settings)
+    config = CacheQuantConfig(calibration_prompts=prompts, **{k: tuple(v) if isinstance(v, list) else v
+                                                              for k, v in settings.items()})
+    kwargs = dict(ctx.call_kwargs)
+    steps = kwargs.pop("num_inference_steps", None)
+    key = ("cachequant-calibration", id(pipe), config.method, prompts, config.calibration_seeds, steps,
+           repr(sorted(kwargs.items())), _sampling_state(pipe))
+    cal = ctx.cache.get(key)
+    if cal is None:
+        cal = hp.calibrate_cachequant(pipe, config, num_inference_steps=steps, call_kwargs=kwargs)
+        ctx.cache[key] = cal
+        ctx.cache["cachequant-calibrations"] = ctx.cache.get("cachequant-calibrations", 0) + 1
+    hp.enable_cachequant(pipe, config, calibration=cal, num_inference_steps=steps, call_kwargs=kwargs)
+
+
+def _sampling_state(pipe: Any) -> str:
+    """The hasten features already on ``pipe`` with their configs (what else changes how it samples)."""
+    from ..pipelines.registry import features
+
+    return repr(sorted((name, repr(getattr(f, "config", None))) for name, f in features(pipe).items()))
 
 
 for _name, _suggest, _module, _cls in (
@@ -250,8 +280,28 @@ register(Entry("cachequant", _suggest_cachequant, _config("caches.cachequant", "
                                "entries cover the stacked alternative"))
 
 
-def default_features() -> list[str]:
-    return [n for n, e in SPACE.items() if e.default]
+# families the video model also searches by default (issue 14: the same search as on images, plus the
+# bottleneck's stages and sparse attention, which engage at its 1088 tokens)
+VIDEO_DEFAULTS = ("bottleneck_sampling", "sparse_attention")
+
+
+def default_features(model: str = "image") -> list[str]:
+    """The families searched unless named: the registry's defaults, plus :data:`VIDEO_DEFAULTS` for videos."""
+    out = [n for n, e in SPACE.items() if e.default]
+    return out + [n for n in VIDEO_DEFAULTS if n in SPACE and n not in out] if model == "video" else out
+
+
+def exclusive(feats: dict[str, Settings]) -> dict[str, Settings]:
+    """Drop the families a trial's other choices exclude (each pair patches the same thing): bottleneck
+    stages replace the timestep schedule (both patch the scheduler), and CacheQuant (its own quantization
+    and step cache) replaces quantize and EasyCache."""
+    out = dict(feats)
+    if "bottleneck_sampling" in out:
+        out.pop("timestep_schedule", None)
+    if "cachequant" in out:
+        out.pop("quantize", None)
+        out.pop("easycache", None)
+    return out
 
 
 def entries(names: list[str] | None = None) -> list[Entry]:

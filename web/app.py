@@ -43,7 +43,7 @@ from .compare import (
     sweep_figure,
     timeline_figure,
 )
-from .panels import Control, configuration, panels
+from .panels import CalibrationStore, Control, PanelContext, configuration, panels
 
 log = logging.getLogger("hasten.web")
 SLOTS = ("A", "B", "C")[:MAX_CONFIGS]
@@ -124,6 +124,7 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
     import gradio as gr
 
     cache = ModelCache(pipeline_factory, device)
+    calibrations = CalibrationStore()  # CacheQuant: calibrated once per model, method and steps, then reused
     stops: dict[str, threading.Event] = {}  # session -> "stop the run in progress"
     refused: dict[str, str] = {}  # session -> the last error message, shown next to Run
     stops_lock = threading.Lock()
@@ -290,13 +291,15 @@ def build_app(pipeline_factory: Any = None, device: str = "cpu", default_model: 
             t0 = time.perf_counter()
             try:
                 handle, req = request_of(data)
+                context = PanelContext(handle, handle.validate(req), calibrations,
+                                       progress=lambda f, d: progress(f, desc=d))
                 configs = []
                 for slot, fams, on_slot in zip(SLOTS, (f for _, f in slots), slot_on):
                     if not data[on_slot]:
                         continue
                     choices = {spec.family: ({k: data[c] for k, c in comps.items()} if data[on] else None)
                                for spec, on, comps in fams}
-                    cfg = configuration(slot, choices)
+                    cfg = configuration(slot, choices, context)
                     if cfg is not None:
                         configs.append(cfg)
                 if not configs:

@@ -335,7 +335,8 @@ class RunResult:
     digit_ok: bool | None = None
     motion_read: str | None = None  # video: the way the digit's centroid moved ("left" .. "down", or "still")
     motion_ok: bool | None = None
-    timeline: dict[str, list[bool]] = field(default_factory=dict)  # branch -> computed(True)/reused per step
+    # branch -> share of the denoiser computed per step: 1 computed, 0 reused (step caches), blocks ran / blocks
+    timeline: dict[str, list[float]] = field(default_factory=dict)
     error: str | None = None
 
 
@@ -358,11 +359,13 @@ def _denoiser(pipe: Any) -> torch.nn.Module | None:
     return None
 
 
-def _timeline(pipe: Any) -> dict[str, list[bool]]:
-    """Per-branch decisions of every enabled feature that records them (``RunStats.branches``)."""
+def _timeline(pipe: Any) -> dict[str, list[float]]:
+    """Per-branch, per-call share of the denoiser that ran, for every enabled feature that records it: step
+    caches' decisions (``RunStats.branches``: 1 computed, 0 reused) and block caches' share of blocks computed
+    (``BlockRunStats.branches``: 1 - reused / blocks)."""
     from ..pipelines import stats
 
-    out: dict[str, list[bool]] = {}
+    out: dict[str, list[float]] = {}
     for feature, comps in stats(pipe).items():
         if not isinstance(comps, dict):
             continue
@@ -370,7 +373,10 @@ def _timeline(pipe: Any) -> dict[str, list[bool]]:
         for comp, st in comps.items():
             for label, branch in (getattr(st, "branches", None) or {}).items():
                 key = f"{feature}/{comp}/{label}" if many else f"{feature}/{label}"
-                out[key] = [bool(d) for d in branch.decisions]
+                if hasattr(branch, "decisions"):
+                    out[key] = [float(bool(d)) for d in branch.decisions]
+                elif hasattr(branch, "reused_per_call") and getattr(branch, "num_blocks", 0):
+                    out[key] = [1.0 - r / branch.num_blocks for r in branch.reused_per_call]
     return out
 
 
@@ -420,6 +426,8 @@ def run_comparison(handle: ModelHandle, request: GenerationRequest, configs: Seq
             raise
         for v, res in zip(variants, runs):  # one-off calibration (e.g. quantization), outside the timing
             if v.prepare is not None and not res.error:
+                if on_progress:
+                    on_progress(0.0, f"preparing {v.name} (one-off calibration, not timed)")
                 try:
                     v.prepare(pipe, lambda: handle.generate(request))
                 except Exception as exc:  # noqa: BLE001
@@ -598,7 +606,7 @@ def timeline_figure(comparison: Comparison):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
+    from matplotlib.colors import LinearSegmentedColormap
     from matplotlib.patches import Patch
 
     steps = comparison.request.steps
@@ -609,15 +617,18 @@ def timeline_figure(comparison: Comparison):
             continue
         if not r.timeline:
             labels.append(f"{r.name} (no per-step record)")
-            grid.append([0.5] * steps)
+            grid.append([math.nan] * steps)
             continue
         for branch, decisions in r.timeline.items():
             row = [float(d) for d in decisions[:steps]] + [math.nan] * max(0, steps - len(decisions))
-            labels.append(f"{r.name.split(':')[0]} {branch.split('/')[-1]}  {sum(decisions)}/{len(decisions)}")
+            feature = branch.split("/")[0]
+            labels.append(f"{r.name.split(':')[0]} {feature} {branch.split('/')[-1]}  "
+                          f"{sum(decisions):.3g}/{len(decisions)}")
             grid.append(row)
     data = torch.tensor(grid).numpy()
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.3))
-    cmap = ListedColormap(["#f4c7a1", "#d9d9d9", "#2e7d32"]).with_extremes(bad="white")
+    # 1 = computed, 0 = reused; block caches colour a step by the share of its blocks that ran
+    cmap = LinearSegmentedColormap.from_list("hasten", ["#f4c7a1", "#2e7d32"]).with_extremes(bad="white")
     ax.imshow(data, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.set_xticks(range(steps), [str(i + 1) for i in range(steps)], fontsize=7)
@@ -627,8 +638,9 @@ def timeline_figure(comparison: Comparison):
     ax.tick_params(which="minor", length=0)
     ax.set_xlabel("denoising step")
     ax.set_title("which steps ran the denoiser (per branch)", fontsize=10, loc="left")
-    ax.legend(handles=[Patch(color="#2e7d32", label="computed"), Patch(color="#f4c7a1", label="reused (cached)")],
-              loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8, frameon=False)
+    ax.legend(handles=[Patch(color="#2e7d32", label="computed"), Patch(color="#91a86a", label="some blocks reused"),
+                       Patch(color="#f4c7a1", label="reused (cached)")],
+              loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 
