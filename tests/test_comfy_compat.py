@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import torch
+from graph_counter import GraphCounter
 
 import comfy_env as ce
 
@@ -358,15 +359,6 @@ def test_controlnet_effect_survives_each_hasten_node(comfy, control, feature) ->
 
 
 # -- compile (TorchCompileModel's wrapper) -------------------------------------------------------
-class GraphCounter:
-    """A torch.compile backend that counts the graphs dynamo hands it and runs them eagerly."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Any:
-        self.graphs += 1
-        return gm.forward
 
 
 def _compiled(model: Any, backend: Any) -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from graph_counter import GraphCounter
 
 import comfy_env as ce
 
@@ -131,15 +132,6 @@ def test_flux_controlnet_effect_survives_each_cache(comfy, flux, feature) -> Non
 
 
 # -- compile --------------------------------------------------------------------------------------
-class GraphCounter:
-    """A torch.compile backend that counts the graphs dynamo hands it and runs them eagerly."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Any:
-        self.graphs += 1
-        return gm.forward
 
 
 # One dynamo trace of ComfyUI's Flux forward takes minutes on 2 busy cores (measured on the 4+4-block Flux, eager

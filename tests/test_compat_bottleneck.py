@@ -108,18 +108,8 @@ def test_compiled_bottleneck_with_easycache() -> None:
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("peft")
-    from diffusers import WanPipeline
-    from peft import LoraConfig, get_peft_model_state_dict
-
     torch.set_num_threads(1)
-    pipe, _ = tiny_pipes.wan()
-    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                            init_lora_weights=False))
-    g = torch.Generator().manual_seed(1)
-    sd = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in get_peft_model_state_dict(pipe.transformer).items()}
-    out = tmp_path_factory.mktemp("lora")
-    WanPipeline.save_lora_weights(str(out), transformer_lora_layers=sd)
-    return out
+    return tiny_pipes.wan_lora_file(tmp_path_factory.mktemp("lora"))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -24,6 +24,7 @@ import families as F
 import pytest
 import torch
 import torch._dynamo
+from graph_counter import GraphCounter as CountingBackend
 from torch._dynamo.utils import counters
 
 import hasten
@@ -64,13 +65,6 @@ def _work(pipe: Any) -> tuple[int, int]:
     raise AssertionError(f"no cache stats on the pipeline: {hasten.stats(pipe)}")
 
 
-class CountingBackend:
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
-        self.graphs += 1
-        return gm.forward
 
 
 @pytest.fixture(autouse=True)
@@ -112,19 +106,9 @@ def test_compiled_cache_matches_eager(feature: str) -> None:
 # -- LoRA (PEFT) ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from diffusers import WanPipeline
-    from peft import LoraConfig, get_peft_model_state_dict
-
     pytest.importorskip("peft")
     torch.set_num_threads(1)
-    pipe, _ = tiny_pipes.wan()
-    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                            init_lora_weights=False))
-    g = torch.Generator().manual_seed(1)
-    sd = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in get_peft_model_state_dict(pipe.transformer).items()}
-    out = tmp_path_factory.mktemp("lora")
-    WanPipeline.save_lora_weights(str(out), transformer_lora_layers=sd)
-    return out
+    return tiny_pipes.wan_lora_file(tmp_path_factory.mktemp("lora"))
 
 
 def _pipe(lora_dir: Path | None, feature: str | None = None, lora_first: bool = True) -> tuple[Any, dict]:

@@ -8,12 +8,11 @@ compiled over two runs; dynamo's own counters count graph breaks. Tiny Wan pipel
 
 from __future__ import annotations
 
-from typing import Any
-
 import families as F
 import pytest
 import torch
 import torch._dynamo
+from graph_counter import GraphCounter as CountingBackend
 from torch._dynamo.utils import counters
 
 import hasten
@@ -36,13 +35,6 @@ MAX_GRAPHS = 2  # base model alone: 2 (the first step's latent has other strides
 MAX_GRAPHS_SPARSE = 16  # the segments between 4 eagerly run attention calls, x2 as for the base model
 
 
-class CountingBackend:
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
-        self.graphs += 1
-        return gm.forward
 
 
 def _run(pipe, kw) -> tuple[torch.Tensor, str]:

@@ -7,6 +7,7 @@ precomputed prompt embeddings (no tokenizer needed) and returns latents.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -189,3 +190,18 @@ def run(pipe, kwargs: dict, seed: int | list[int] = 0, steps: int = STEPS, **ext
     out = pipe(**kwargs, **extra, num_inference_steps=steps, generator=gen, output_type="latent")
     res = out.frames if hasattr(out, "frames") else out.images
     return res if isinstance(res, torch.Tensor) else torch.as_tensor(res)
+
+
+
+def wan_lora_file(out: Path) -> Path:
+    """Save a random rank-4 LoRA for the tiny Wan's attention projections in folder ``out`` (returned)."""
+    from diffusers import WanPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe, _ = wan()
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                            init_lora_weights=False))
+    g = torch.Generator().manual_seed(1)
+    sd = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in get_peft_model_state_dict(pipe.transformer).items()}
+    WanPipeline.save_lora_weights(str(out), transformer_lora_layers=sd)
+    return out
