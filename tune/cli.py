@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", choices=COMPARE, default="none",
                    help="singles: also time hand-set single accelerators (EasyCache sweep, MagCache, TaylorSeer) "
                         "in the held-out run, to read the best one reaching the floor")
-    p.add_argument("--margin", type=nonneg_float, default=0.5, help="dB above --min-psnr required during the search")
+    p.add_argument("--margin", type=nonneg_float, default=1.5, help="dB above --min-psnr required during the search")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="search seed")
     p.add_argument("--out", default="tune-results", help="folder for tuned.json, tune.json and pareto.png")

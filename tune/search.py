@@ -328,7 +328,7 @@ def tune(
     steps: int | None = None,
     call_kwargs: dict[str, Any] | None = None,
     generate: Generate | None = None,
-    margin_db: float = 0.5,
+    margin_db: float = 1.5,
     candidates: int = 3,
     repeats: int = 3,
     compare: Sequence[Any] = (),
