@@ -185,6 +185,19 @@ class BranchRuns:
         slot = self._slots.get(group)
         return [m for m in members if m != key and (slot is None or m in slot[2])]
 
+    def _group_decision(self, group: Hashable, key: BranchKey, step: int, own: bool,
+                        wants: Callable[[object], bool]) -> bool:
+        """One decision per batch item and call: the first branch asked also consults ``wants`` for every
+        other branch still called (CFG branches share the latent), and the item computes when any must;
+        the item's other branches then follow that decision."""
+        peers = self._peers(group, key)
+        slot = self._slots.get(group)
+        if slot is None or slot[0] != step or key in slot[2]:
+            slot = (step, own or any(wants(self._branches[m]) for m in peers), set())
+            self._slots[group] = slot
+        slot[2].add(key)
+        return slot[1] or own
+
     def current_stats(self) -> RunStats:
         return RunStats(method=self.method, num_steps=self._num_steps,
                         branches={b.stats.label: b.stats for b in self._branches.values()})

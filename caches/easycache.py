@@ -151,26 +151,14 @@ class EasyCache(BranchRuns):
             b.forget(keep_rate=b.prev_x.shape[:2] == x.shape[:2])  # new size: cached tensors are meaningless
         compute, accum = self._wants_compute(b, x, step, num_steps)
         if group is not None and self.config.sync_branches:
-            compute = self._group_decision(group, key, x, step, num_steps, compute)
+            compute = self._group_decision(group, key, step, compute,
+                                           lambda br: self._wants_compute(br, x, step, num_steps)[0])
         b.accum = 0.0 if compute else accum
         b.history.append(b.accum)
         b.step = step
         b.stats.decisions.append(compute)
         b.prev_x = x.detach()
         return compute
-
-    def _group_decision(self, group: Hashable, key: BranchKey, x: torch.Tensor, step: int,
-                        num_steps: int | None, own: bool) -> bool:
-        """One decision per batch item and call: the first branch asked evaluates every known branch of
-        the item on this input (CFG branches share the latent) and the others follow."""
-        peers = self._peers(group, key)  # only branches still called (not one adaptive guidance dropped)
-        slot = self._slots.get(group)
-        if slot is None or slot[0] != step or key in slot[2]:
-            others = (self._wants_compute(self._branches[m], x, step, num_steps)[0] for m in peers)
-            slot = (step, own or any(others), set())
-            self._slots[group] = slot
-        slot[2].add(key)
-        return slot[1] or own
 
     def reuse(self, key: BranchKey, x: torch.Tensor) -> torch.Tensor:
         """Estimate the output for a skipped call: x + Δ (Δ forecast from the recent computed ones if

@@ -144,22 +144,11 @@ class SADA(BranchRuns):
             b.forget()  # new shape: the trajectory so far says nothing about this one
         compute = self._wants_compute(b, x, step, num_steps)
         if group is not None and self.config.sync_branches:
-            compute = self._group_decision(group, key, x, step, num_steps, compute)
+            compute = self._group_decision(group, key, step, compute,
+                                           lambda br: self._wants_compute(br, x, step, num_steps))
         b.step = step
         b.stats.decisions.append(compute)
         return compute
-
-    def _group_decision(self, group: Hashable, key: BranchKey, x: torch.Tensor, step: int,
-                        num_steps: int | None, own: bool) -> bool:
-        """One decision per batch item and call: compute when any known branch of the item must."""
-        peers = self._peers(group, key)  # only branches still called (not one adaptive guidance dropped)
-        slot = self._slots.get(group)
-        if slot is None or slot[0] != step or key in slot[2]:
-            others = (self._wants_compute(self._branches[m], x, step, num_steps) for m in peers)
-            slot = (step, own or any(others), set())
-            self._slots[group] = slot
-        slot[2].add(key)
-        return slot[1] or own
 
     def reuse(self, key: BranchKey, x: torch.Tensor) -> torch.Tensor:
         """The skipped call's output, extrapolated in step index from the last computed outputs."""
