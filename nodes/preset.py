@@ -11,6 +11,7 @@ sampler, not a MODEL patch: a preset holding it is refused with the node to use 
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Any
 
@@ -26,6 +27,11 @@ log = logging.getLogger("hasten")
 NAME = "Apply hasten preset"
 SCHEDULE_KEY = "hasten_schedule"
 
+
+
+# preset features with a ComfyUI node, in the order they wrap the model (after the timestep schedule)
+_PATCH_ORDER = (("quantize", "quantize"), ("sparse_attention", "sparse_attention"), ("easycache", "easycache"),
+                ("adaptive_guidance", "guidance"))
 
 def resample_sigmas(sigmas: torch.Tensor, config: ScheduleConfig, flow: bool) -> torch.Tensor:
     """The sampler's schedule ``sigmas`` (steps + 1 values, last 0) resampled to ``config.steps`` steps; on
@@ -97,26 +103,11 @@ def apply_preset(model: Any, preset: str | dict[str, Any]) -> tuple[Any, list[st
     if "timestep_schedule" in feats:
         m = patch_schedule(m, SPACE["timestep_schedule"].validate(feats["timestep_schedule"]))
         done.append("timestep_schedule")
-    if "quantize" in feats:
-        from . import quantize
-
-        m = quantize.patch_model(m, SPACE["quantize"].validate(feats["quantize"]))
-        done.append("quantize")
-    if "sparse_attention" in feats:
-        from . import sparse_attention
-
-        m = sparse_attention.patch_model(m, SPACE["sparse_attention"].validate(feats["sparse_attention"]))
-        done.append("sparse_attention")
-    if "easycache" in feats:
-        from . import easycache
-
-        m = easycache.patch_model(m, SPACE["easycache"].validate(feats["easycache"]))
-        done.append("easycache")
-    if "adaptive_guidance" in feats:
-        from . import guidance
-
-        m = guidance.patch_model(m, SPACE["adaptive_guidance"].validate(feats["adaptive_guidance"]))
-        done.append("adaptive_guidance")
+    for feature, module in _PATCH_ORDER:  # each node module's patch_model, imported only when used
+        if feature in feats:
+            patch = importlib.import_module(f"{__package__}.{module}").patch_model
+            m = patch(m, SPACE[feature].validate(feats[feature]))
+            done.append(feature)
     missing = [n for n in feats if n not in done]
     if missing:
         fail(NAME, f"feature(s) {', '.join(missing)} of this preset have no ComfyUI node yet; supported here: "
