@@ -27,11 +27,10 @@ log = logging.getLogger("hasten")
 NAME = "Apply hasten preset"
 SCHEDULE_KEY = "hasten_schedule"
 
-
-
 # preset features with a ComfyUI node, in the order they wrap the model (after the timestep schedule)
 _PATCH_ORDER = (("quantize", "quantize"), ("sparse_attention", "sparse_attention"), ("easycache", "easycache"),
                 ("adaptive_guidance", "guidance"))
+
 
 def resample_sigmas(sigmas: torch.Tensor, config: ScheduleConfig, flow: bool) -> torch.Tensor:
     """The sampler's schedule ``sigmas`` (steps + 1 values, last 0) resampled to ``config.steps`` steps; on
