@@ -2,8 +2,9 @@
 
 ``--parallel N``: the embedded model in one process, then on N ranks of diffusers' own context parallelism
 (``transformer.enable_parallelism(ContextParallelConfig(ulysses_degree=N))``, gloo on CPU / nccl on CUDA,
-spawned here), for the baseline and hasten's main variants. Each variant's N-rank images are compared with
-its single-process images (PSNR; ``inf`` = identical) and timed against the single-process run.
+spawned here), for the baseline and hasten's main variants. On the ranks each variant gets its own pipeline,
+hasten enabled *before* ``enable_parallelism`` (the order the block caches need). Each variant's N-rank images
+are compared with its single-process images (PSNR; ``inf`` = identical) and timed against the single-process run.
 
 ``--compile``: the eager baseline, the compiled baseline and compiled + hasten variants, interleaved by the
 bench runner. The transformer's call is compiled once (``torch.compile(transformer._call_impl)``, what
@@ -105,26 +106,71 @@ def _digits_generate(digits: Sequence[int], steps: int, guidance: float) -> Call
     return generate
 
 
+def _parallel_pipes(names: Sequence[str], steps: int, world: int, dev: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """One pipeline per variant, hasten enabled *before* ``enable_parallelism``: the block caches (Δ-DiT,
+    ProfilingDiT) hook the blocks, which diffusers' sequence split then wraps (enabled after it they are
+    refused), and a calibrating variant (CacheQuant) calibrates on the plain model, the same on every rank.
+    Returns the pipelines and the variants that failed to set up (name -> error)."""
+    from diffusers import ContextParallelConfig
+
+    from ..embedded import load_embedded
+
+    pipes: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name in names:
+        try:
+            variant = MAIN_VARIANTS[name](steps)
+            pipe = load_embedded(device=dev)
+            pipe.set_progress_bar_config(disable=True)
+            if variant.prepare is not None:
+                variant.prepare(pipe, lambda: None)
+            variant.apply(pipe)
+            pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+            pipes[name] = pipe
+        except Exception as exc:  # noqa: BLE001 - a row with the reason, the other variants still run
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    return pipes, errors
+
+
+def _measure_pipes(pipes: dict[str, Any], errors: dict[str, str], names: Sequence[str],
+                   generate: Callable[[Any, int], torch.Tensor], seeds: Sequence[int], repeats: int
+                   ) -> dict[str, dict[str, Any]]:
+    """:func:`_measure` over pipelines that each already carry their variant (interleaved A B C A B C ...)."""
+    out: dict[str, dict[str, Any]] = {n: {"times": [], "images": None, "error": errors.get(n)} for n in names}
+    for _ in range(repeats):
+        for name in names:
+            res = out[name]
+            if res["error"]:
+                continue
+            try:
+                imgs, elapsed = [], 0.0
+                for seed in seeds:
+                    t0 = time.perf_counter()
+                    imgs.append(generate(pipes[name], seed))
+                    elapsed += time.perf_counter() - t0
+                res["times"].append(elapsed)
+                if res["images"] is None:
+                    res["images"] = torch.cat(imgs).float().cpu()
+            except Exception as exc:  # noqa: BLE001 - report, keep going with the other variants
+                res["error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
 def _rank_main(rank: int, world: int, init: str, out: str, names: list[str], digits: list[int], steps: int,
                guidance: float, seeds: list[int], repeats: int, device: str, threads: int) -> None:
-    """One rank of the N-rank run (spawned): diffusers' Ulysses over ``world`` ranks, then the variants."""
+    """One rank of the N-rank run (spawned): one pipeline per variant (hasten enabled, then diffusers' Ulysses
+    over ``world`` ranks), timed interleaved."""
     torch.set_num_threads(threads)
     cuda = device.startswith("cuda")
     if not cuda:  # diffusers places a rank on rank % torch.accelerator.device_count(); a CPU box has none
         torch.accelerator.device_count = lambda: 1  # type: ignore[assignment]
     torch.distributed.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=rank, world_size=world)
     try:
-        from diffusers import ContextParallelConfig
-
-        from ..embedded import load_embedded
-
         dev = f"cuda:{rank}" if cuda else "cpu"
         if cuda:
             torch.cuda.set_device(rank)
-        pipe = load_embedded(device=dev)
-        pipe.set_progress_bar_config(disable=True)
-        pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
-        res = _measure(pipe, names, _digits_generate(digits, steps, guidance), seeds, repeats, steps)
+        pipes, errors = _parallel_pipes(names, steps, world, dev)
+        res = _measure_pipes(pipes, errors, names, _digits_generate(digits, steps, guidance), seeds, repeats)
         torch.save(res, f"{out}.rank{rank}")
     finally:
         torch.distributed.destroy_process_group()

@@ -237,6 +237,7 @@ def preset(name: str, steps: int) -> list[Variant]:
             bottleneck(0.5),
             sparse_attention(0.95),
             sada(1),
+            sada_tokens(1, 0.25),
             delta_dit(2), profiling_dit(0.3, 2),
             quantized("int8"), quantized("int4", group_size=64), quantized("w8a8"),
             combo("hasten-easycache+ag", hasten_easycache(0.2), adaptive_guidance(0.993)),
@@ -249,6 +250,7 @@ def preset(name: str, steps: int) -> list[Variant]:
             baseline(),
             *sweep,
             *[easycache_forecast(t) for t in (0.1, 0.2)], easycache_forecast(0.1, "none", 0.2), sada(1), sada(2),
+            sada_tokens(1, 0.25), sada_tokens(1, 0.5), sada_tokens(2, 0.25),
             delta_dit(2, 1), delta_dit(2), delta_dit(3), profiling_dit(0.3, 1), profiling_dit(0.3, 2), profiling_dit(0.5, 3),
             delta_dit(2, forecast="none"), profiling_dit(0.3, 1, forecast="none"),
             diffusers_fbc(0.05), diffusers_fbc(0.1), diffusers_fbc(0.2),
@@ -377,6 +379,7 @@ def video_preset(steps: int, kind: str = "video") -> list[Variant]:
             cpu_stack(adaptive_guidance(0.998)),  # the whole-stack target row (CFG truncation 0.5 loses 10 points)
             stack(),
             diffusers_fbc(0.1), diffusers_taylorseer(2), diffusers_magcache(0.12, steps), cache_dit_dbcache(0.16),
+            sada(2), sada_tokens(1, 0.25),
         ]
     raise ValueError(f"unknown video preset {kind!r}; choose one of: video, families, peers, easycache, quick")
 
@@ -425,3 +428,12 @@ def sparse_pooled(mass: float, block_size: int = 16, warmup_steps: int = 5, dens
     return hasten_feature(f"hasten-sparse-pooled@{label}", "sparse_attention", target_mass=mass,
                           block_size=block_size, warmup_steps=warmup_steps, remainder="pooled",
                           dense_final_steps=dense_final_steps, refresh_every=refresh_every)
+
+
+# ------------------------------------------------------------------- SADA token-level sparsity (issue 13)
+def sada_tokens(max_interval: int = 1, tokens: float = 0.5, token_interval: int = 1) -> Variant:
+    """SADA with token-level sparsity: skipped steps plus, on computed steps, only the ``tokens`` fraction of
+    tokens through the blocks; named ``hasten-sada-tokens@1-0.5`` (``-i2``: 2 token-level steps in a row)."""
+    label = f"{max_interval}-{tokens:g}" + ("" if token_interval == 1 else f"-i{token_interval}")
+    return hasten_feature(f"hasten-sada-tokens@{label}", "sada", max_interval=max_interval, tokens=tokens,
+                          token_interval=token_interval)

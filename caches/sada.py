@@ -16,11 +16,13 @@ locally stable. Per branch, with the last three *computed* outputs f₀, f₁, f
 Off (``max_interval=0``) computes every call, bit-identical to no cache. Branches (cond/uncond, batch
 items) keep their own state; with ``sync_branches`` the branches of one batch item decide together.
 
-Token-level sparsity (the paper's second half: pruning the unstable tokens' complement inside the
-network) is not done here: it changes the sequence length *inside* the transformer blocks, which needs
-every per-token side input of the model (rotary embeddings, attention masks, per-token modulation such
-as Wan's per-token timestep, UNet skip connections) sliced to match — model-specific surgery that a
-step cache, which only sees the denoiser's input and output, cannot do generically.
+With ``tokens`` (a fraction) the paper's second half is on too: a call the step-level test must compute is
+computed *token-level* when the branch has a trajectory to read: only the ``tokens`` fraction of tokens (the
+fastest-moving ones by the branch's own trajectory, plus a spatially spread subset) goes through the transformer
+blocks as queries and MLP rows, and the pruned tokens' outputs come from the cache
+(:mod:`hasten.caches.sada_tokens`). At most ``token_interval`` token-level calls follow each other before a full
+one refreshes every token. The adapter gathers/scatters the tokens around the block chain and completes the
+attention keys/values (model-specific wiring: the Wan family).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from ..validation import check_bool, check_float, check_int
 from .base import BranchKey, BranchRuns, BranchStats
 from .forecast import forecast, push
+from .sada_tokens import choose_tokens, fill_pruned, latent_mask, token_grid, token_scores
 
 
 @dataclass
@@ -50,6 +53,14 @@ class SADAConfig:
         final_steps: the last ``final_steps`` steps are always computed.
         order: extrapolation order for a skipped call (1 = Adams–Bashforth-like linear, 2 = Lagrange).
         sync_branches: the cond/uncond branches of one batch item compute or skip together.
+        tokens: token-level sparsity: the fraction of tokens a token-level call computes (the rest are
+            extrapolated); None = step-level only (bit-identical to SADA without it). With ``max_interval=0``
+            SADA skips no step and only prunes tokens.
+        token_stride: one token per ``token_stride × token_stride`` cell is always computed (the paper's strided
+            destination tokens, sx = sy), so every region stays computed.
+        token_interval: at most this many token-level calls in a row per branch, then a full call.
+        token_order: a pruned token's output: 0 = its last computed output (measured best), 1 = extrapolated
+            linearly from its last two (the solver's gradient information).
     """
 
     max_interval: int = 1
@@ -59,6 +70,10 @@ class SADAConfig:
     final_steps: int = 1
     order: int = 1
     sync_branches: bool = True
+    tokens: float | None = None
+    token_stride: int = 2
+    token_interval: int = 1
+    token_order: int = 0
 
     def __post_init__(self) -> None:
         own = "SADAConfig"
@@ -71,10 +86,22 @@ class SADAConfig:
         self.final_steps = check_int(own, "final_steps", self.final_steps, lo=0)
         self.order = check_int(own, "order", self.order, lo=1, hi=2)
         self.sync_branches = check_bool(own, "sync_branches", self.sync_branches)
+        if self.tokens is not None:
+            self.tokens = check_float(own, "tokens", self.tokens, lo=0.0, hi=1.0)
+            if self.tokens <= 0:
+                raise ValueError("SADAConfig.tokens must be in (0, 1] (the fraction of tokens computed) or None")
+        self.token_stride = check_int(own, "token_stride", self.token_stride, lo=1)
+        self.token_interval = check_int(own, "token_interval", self.token_interval, lo=1)
+        self.token_order = check_int(own, "token_order", self.token_order, lo=0, hi=1)
 
     @property
     def is_off(self) -> bool:
-        return self.max_interval == 0
+        return self.max_interval == 0 and not self.token_level
+
+    @property
+    def token_level(self) -> bool:
+        """Token-level sparsity asked for (a fraction below 1)."""
+        return self.tokens is not None and self.tokens < 1.0
 
 
 @dataclass
@@ -87,9 +114,13 @@ class _Branch:
     step: int = 0
     skipped: int = 0  # consecutive skipped calls
     momentum: list[float] = field(default_factory=list)  # normalised mean momentum at each decision (plots)
+    pruned: int = 0  # consecutive token-level calls
+    kept: torch.Tensor | None = None  # this call's kept token indices (token-level call) or None
+    mask: torch.Tensor | None = None  # latent positions of the kept tokens
+    num_tokens: int = 0  # tokens of the current call's grid
 
     def forget(self) -> None:
-        self.past, self.skipped = [], 0
+        self.past, self.skipped, self.pruned, self.kept, self.mask = [], 0, 0, None, None
 
 
 class SADA(BranchRuns):
@@ -100,6 +131,13 @@ class SADA(BranchRuns):
     def __init__(self, config: SADAConfig | None = None) -> None:
         super().__init__()
         self.config = config or SADAConfig()
+        self.token_calls = 0  # branch calls computed token-level in the current run
+        self.tokens_kept = 0  # tokens computed in those calls
+        self.tokens_total = 0  # tokens those calls would have computed in full
+
+    def begin_run(self, num_steps: int | None) -> None:
+        super().begin_run(num_steps)
+        self.token_calls, self.tokens_kept, self.tokens_total = 0, 0, 0
 
     def invalidate(self) -> None:
         """Drop cached tensors but keep statistics (e.g. the resolution changed mid-run)."""
@@ -150,6 +188,51 @@ class SADA(BranchRuns):
         b.stats.decisions.append(compute)
         return compute
 
+    # -- token level ---------------------------------------------------------------------------
+    def _token_eligible(self, b: _Branch, x: torch.Tensor) -> bool:
+        cfg = self.config
+        return (cfg.token_level and len(b.past) >= 2 and b.past[-1][0] < b.step and b.shape == tuple(x.shape)
+                and b.pruned < cfg.token_interval and not self._forced(b.step, self._num_steps))
+
+    def token_plan(self, keys: list[BranchKey], rows: list[torch.Tensor],
+                   patch: tuple[int, int, int], allowed: bool = True) -> list[torch.Tensor] | None:
+        """Kept token indices per branch for one forward computing the branches ``keys`` (input ``rows``), or None
+        for a full forward. All or nothing: one batched forward keeps the same token count for every row, so
+        the call is token-level only when every branch in it can be (each from its own trajectory) and the
+        adapter ``allowed`` it (e.g. it holds the branches' attention context)."""
+        branches = [self._branches[k] for k in keys]
+        for b in branches:
+            b.kept = b.mask = None
+        if not allowed or not branches or not all(self._token_eligible(b, x) for b, x in zip(branches, rows, strict=True)):
+            return None
+        cfg = self.config
+        plans = []
+        for b, x in zip(branches, rows, strict=True):
+            grid = token_grid(tuple(x.shape), patch)
+            scores = token_scores(b.past, patch)
+            if scores is None or scores.numel() != grid[0] * grid[1] * grid[2]:
+                for bb in branches:
+                    bb.kept = bb.mask = None
+                return None
+            b.kept = choose_tokens(scores, grid, cfg.tokens or 1.0, cfg.token_stride)
+            b.num_tokens = scores.numel()
+            b.mask = latent_mask(b.kept, grid, patch, x)
+            plans.append(b.kept)
+        return plans
+
+    def fill(self, key: BranchKey, out: torch.Tensor) -> torch.Tensor:
+        """A token-level call's output row with its pruned tokens' positions extrapolated from the trajectory
+        (unchanged after a full call)."""
+        b = self._branches[key]
+        if b.kept is None or b.mask is None:
+            return out
+        est = forecast(b.past, b.step, 1) if self.config.token_order == 1 else None
+        est = b.past[-1][1] if est is None else est
+        self.token_calls += 1
+        self.tokens_kept += int(b.kept.numel())
+        self.tokens_total += b.num_tokens
+        return fill_pruned(out, est.view_as(out), b.mask)
+
     def reuse(self, key: BranchKey, x: torch.Tensor) -> torch.Tensor:
         """The skipped call's output, extrapolated in step index from the last computed outputs."""
         b = self._branches[key]
@@ -163,6 +246,8 @@ class SADA(BranchRuns):
         b.past = push(b.past, b.step, out.detach().float().clone(), 2)  # 3 points: the stability test needs them
         b.shape, b.dtype, b.device = tuple(x.shape), x.dtype, x.device
         b.skipped = 0
+        b.pruned = b.pruned + 1 if b.kept is not None else 0
+        b.kept = b.mask = None
         m = self.stability(b)
         if m is not None:
             b.momentum.append(m)

@@ -109,7 +109,8 @@ class HastenSADA(io.ComfyNode):
             description=("SADA (Jiang et al., ICML 2025), training-free: skips a step when the second-order "
                          "difference of the denoiser's recent outputs says the ODE trajectory is stable, and "
                          "extrapolates the skipped output from them (Adams-Bashforth-like / Lagrange). Per CFG "
-                         "branch, every ComfyUI diffusion model. Step-level only (token pruning is model-specific)."),
+                         "branch, every ComfyUI diffusion model. Step-level only here: SADA's token-level sparsity is "
+                         "in hasten's diffusers API (enable_sada(tokens=...), Wan family)."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion MODEL to accelerate (it is cloned, not changed)."),
                 io.Int.Input("max_interval", default=_DEFAULTS.max_interval, min=0, max=10,

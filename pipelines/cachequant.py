@@ -32,6 +32,7 @@ from .denoiser import find_denoisers
 from .easycache import EasyCacheHook
 from .quantize import _refuses_output_type, dequantize_pipeline, quantize_pipeline
 from .registry import HookFeature, features, install, make_config, uninstall
+from .runhook import refuse_fresh_noise_scheduler
 
 log = logging.getLogger("hasten.cachequant")
 
@@ -46,6 +47,12 @@ class CacheQuantHook(EasyCacheHook):
     def __init__(self, pipe: Any, policy: CacheQuantCache | TraceRecorder) -> None:
         super().__init__(pipe, EasyCacheConfig(threshold=0.0))
         self.cache = policy  # type: ignore[assignment]
+
+    def on_run_start(self, num_steps: int | None) -> None:
+        plan = getattr(self.cache, "plan", None)  # a calibration recorder computes every step: nothing reused
+        if plan is not None and plan.num_computed < plan.num_steps:
+            refuse_fresh_noise_scheduler(self.pipe_ref() if self.pipe_ref is not None else None, "CacheQuant")
+        super().on_run_start(num_steps)
 
     def report(self) -> None:
         """Log once per run what the schedule did."""
@@ -198,6 +205,8 @@ def enable_cachequant(pipe: Any, config: CacheQuantConfig | None = None, *, plan
                                 config.forced_steps)
     if not isinstance(plan, CacheQuantPlan):
         raise TypeError(f"plan must be a CacheQuantPlan, got {type(plan).__name__}")
+    if plan.num_computed < plan.num_steps:
+        refuse_fresh_noise_scheduler(pipe, "CacheQuant")
     activations = calibration.extra.get("activations") if calibration is not None else None
     if activations is None and config.calibration_prompts:
         quantize_pipeline(pipe, config.method, calibration_prompts=list(config.calibration_prompts),

@@ -109,3 +109,21 @@ def refuse_stacked_step_cache(pipe: Any, name: str) -> None:
             f"whether the model runs); stacked, one would treat the other's estimates as real forwards and their "
             f"errors compound. Disable {STEP_CACHES[other]} first (pipe.disable_{other}()). hasten supports one step "
             f"cache per denoiser, plus a block cache (Δ-DiT / ProfilingDiT) with it.")
+
+
+# Schedulers whose every step re-noises the latent with *fresh* random noise (multistep consistency sampling):
+# a reused denoiser output predicts noise that is no longer in the latent. Measured on a tiny SD 1.5, 8 steps:
+# SADA 28.0 dB under LCM vs. 51.5 dB under DDIM; CacheQuant reusing 2 of 8 steps 15.6 vs. 34.4 dB.
+FRESH_NOISE_SCHEDULERS = ("LCMScheduler",)
+
+
+def refuse_fresh_noise_scheduler(pipe: Any, what: str) -> None:
+    """Raise :class:`UnsupportedModelError` when ``pipe``'s scheduler re-noises with fresh noise every step
+    (LCM): reusing a step's denoiser output there is not an approximation but a different image."""
+    scheduler = type(getattr(pipe, "scheduler", None)).__name__
+    if scheduler in FRESH_NOISE_SCHEDULERS:
+        raise UnsupportedModelError(
+            f"hasten {what} reuses denoiser outputs across steps, which {scheduler} cannot take: every step "
+            "re-noises the latent with fresh noise, so a reused output predicts noise that is no longer there. "
+            "On few-step LCM runs use adaptive guidance, quantization (hasten.quantize_pipeline) or sparse "
+            f"attention instead, or a deterministic scheduler (DDIM, Euler, flow matching) with {what}.")

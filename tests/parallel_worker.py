@@ -35,6 +35,9 @@ FEATURES: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "profiling_dit": [("profiling_dit", {"threshold": 0.5, "max_cached_fraction": 0.5})],
     "sada": [("sada", {})],
     "cachequant": [("cachequant", {})],
+    # weight-only int4 and dynamic-activation W8A8 (per-token activation scales: a sequence shard must not change them)
+    "int4": [("int4", {})],
+    "w8a8": [("w8a8", {})],
 }
 
 
@@ -80,8 +83,8 @@ def run_feature(name: str, parallel: str | None) -> dict[str, Any]:
             pipe.enable_adaptive_guidance(**kw)
         elif kind == "sparse":
             pipe.enable_sparse_attention(**kw)
-        elif kind == "int8":
-            hasten.quantize_pipeline(pipe, "int8")
+        elif kind in ("int8", "int4", "w8a8"):
+            hasten.quantize_pipeline(pipe, kind)
         elif kind == "cachequant":  # a fixed schedule (12 of 20 steps), no calibration run
             from hasten.caches.cachequant import CacheQuantPlan
 

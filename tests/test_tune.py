@@ -364,3 +364,129 @@ def test_cachequant_calibrates_once_per_method_and_schedule(pipe, monkeypatch) -
     finally:
         pipe.disable_cachequant()
     assert torch.equal(fresh, outs[2.0][0]) and features(pipe) == {}
+
+
+# -- held-out candidates: diverse, not neighbours of one schedule ----------------------------------------------
+def _fake(number: int, speedup: float, psnr: float, **features):
+    from hasten.tune.search import Trial
+
+    return Trial(number, features, speedup=speedup, psnr=psnr, feasible=True)
+
+
+def test_held_out_pool_is_diverse_not_near_duplicates() -> None:
+    """The top of a search is often one schedule at several shifts (the run that overfitted one seed: its 3
+    candidates were 5-step schedules at shifts 1.70-2.06, and all failed held-out). The pool takes one per
+    structure, at most 2 per step count, best first, and fills with repeats only when it must."""
+    from hasten.tune.search import Objective, candidate_pool, structure
+
+    sched = lambda n, sh: {"steps": n, "shift": sh}  # noqa: E731
+    trials = [
+        _fake(0, 3.46, 36.6, timestep_schedule=sched(5, 1.88)),
+        _fake(1, 3.43, 36.7, timestep_schedule=sched(5, 1.70)),
+        _fake(2, 3.41, 36.8, timestep_schedule=sched(5, 2.06)),
+        _fake(3, 3.30, 36.9, timestep_schedule=sched(5, 1.97), easycache={"threshold": 0.1, "warmup": 0.2}),
+        _fake(4, 3.27, 37.0, timestep_schedule=sched(5, 1.90), quantize={"method": "int8"}),
+        _fake(5, 2.98, 38.6, timestep_schedule=sched(6, 1.3)),
+        _fake(6, 2.90, 38.0, timestep_schedule=sched(6, 1.2)),
+        _fake(7, 2.63, 39.8, timestep_schedule=sched(7, 1.0)),
+        _fake(8, 1.70, 44.8, easycache={"threshold": 0.1, "warmup": 0.2}),
+    ]
+    infeasible = _fake(9, 9.0, 20.0, timestep_schedule=sched(3, 1.0))
+    infeasible.feasible = False
+    obj = Objective(min_psnr=35.0)
+    pool = candidate_pool([*trials, infeasible], obj, 4)
+    assert [t.number for t in pool] == [0, 3, 5, 7]  # fastest first; 2 of 5 steps, then 6 and 7 steps
+    assert len({structure(t.features) for t in pool}) == 4
+    old = [t.number for t in sorted(trials, key=obj.score, reverse=True)[:3]]  # the previous rule
+    assert old == [0, 1, 2] and len({structure(trials[i].features) for i in old}) == 1
+    # a search that found only one structure still gets `n` candidates: its next best shifts
+    assert [t.number for t in candidate_pool(trials[:3], obj, 4)] == [0, 1, 2]
+    assert candidate_pool([infeasible], obj, 4) == []
+
+
+def test_held_out_takes_the_fastest_that_passes(monkeypatch) -> None:
+    """The held-out stage checks the diverse pool fastest first and keeps the first that passes: here the two
+    5-step stacks fail (as overfitted ones do) and the 6-step one is chosen, never a 5-step neighbour."""
+    import hasten.bench.runner as runner
+    from hasten.tune.search import Objective, TuneResult, _held_out
+
+    sched = lambda n, sh: {"steps": n, "shift": sh}  # noqa: E731
+    trials = [_fake(0, 3.5, 36.6, timestep_schedule=sched(5, 1.9)), _fake(1, 3.4, 36.7, timestep_schedule=sched(5, 1.7)),
+              _fake(2, 3.3, 36.6, timestep_schedule=sched(5, 1.8), easycache={"threshold": 0.1}),
+              _fake(3, 2.9, 38.6, timestep_schedule=sched(6, 1.3)), _fake(4, 2.6, 39.8, timestep_schedule=sched(7, 1.0))]
+    held_psnr = {5: 34.5, 6: 36.4, 7: 37.9}
+    checked = []
+
+    class Row:
+        def __init__(self, feats, repeats) -> None:
+            self.psnr = held_psnr[feats["timestep_schedule"]["steps"]] if feats else None
+            self.speedup, self.median_s, self.ssim, self.accuracy = 2.0, 1.0, 0.99, None
+            self.motion_accuracy, self.forwards_per_image, self.error = None, 12.0, None
+
+        def to_dict(self) -> dict:
+            return dict(vars(self))
+
+    def fake_bench(pipe, variants, gen, seeds, repeats, progress, score):
+        feats = variants[1].settings["features"]
+        if repeats == 1:
+            checked.append(feats["timestep_schedule"]["steps"])
+        return [Row({}, repeats), Row(feats, repeats)]
+
+    monkeypatch.setattr(runner, "run_bench", fake_bench)
+    result = TuneResult({"features": trials[0].features}, trials[0], trials, 1.0)
+    _held_out(result, None, Objective(min_psnr=35.0), None, ["p"], None, [7], None, 4, 3, (), 1.5)
+    assert checked == [5, 5, 6] and result.best is trials[3] and result.held_out["met"]
+    assert result.preset["features"] == trials[3].features and len(result.held_out["checks"]) == 3
+
+
+def test_trials_slower_than_the_best_so_far_are_cut(pipe) -> None:
+    """Under a quality floor a trial is stopped once it is cut_factor x slower than the best feasible stack (it
+    can no longer be chosen); under a speed target once it is too slow for the target."""
+    from hasten.tune import Context
+    from hasten.tune.search import Objective, Trial, _cap, _Evaluator, default_generate
+
+    ev = _Evaluator(pipe, digit_prompts([2]), [0], default_generate({"num_inference_steps": STEPS}), None, Context())
+    try:
+        ev.cap = _cap(Objective(min_psnr=30.0), Trial(0, {}, speedup=4.0), ev.base_cpu, 1.25)
+        assert ev.cap[0] == pytest.approx(1.25 * ev.base_cpu / 4)
+        with _Rows(pipe) as rows:  # all 8 steps at another shift: about the baseline's time, > 1/3.2 of it
+            t = ev.trial(1, {"timestep_schedule": {"steps": STEPS, "shift": 1.5}})
+        assert t.error == "stopped: slower than 1.25x the best stack so far (trial 0, 4.00x)" and t.psnr is None
+        assert t.speedup == pytest.approx(3.2) and rows.n < 2 * STEPS
+        assert features(pipe) == {}
+    finally:
+        ev.close()
+    assert _cap(Objective(speedup=2.0), None, 10.0, 1.25)[0] == pytest.approx(5.25)
+    assert _cap(Objective(min_psnr=30.0), None, 10.0, 1.25) is None
+
+
+def test_easycache_search_keeps_its_forecast_and_reuse_cap() -> None:
+    """A trial choosing forecast "none" gets "none" (it used to be dropped, leaving the default "linear"), and
+    the reuse cap, which bounds EasyCache's saving, is searched."""
+    import optuna
+
+    from hasten.caches import EasyCacheConfig
+    from hasten.tune import SPACE
+
+    study = optuna.create_study()
+    study.enqueue_trial({"easycache.on": True, "easycache.threshold": 0.2, "easycache.warmup": 0.1,
+                         "easycache.max_reuse": 6, "easycache.forecast": "none"})
+    s = SPACE["easycache"].suggest(study.ask())
+    assert s == {"threshold": 0.2, "warmup": 0.1, "max_consecutive_reuse": 6, "forecast": "none"}
+    cfg = SPACE["easycache"].validate(s)
+    assert isinstance(cfg, EasyCacheConfig) and cfg.forecast == "none" and cfg.max_consecutive_reuse == 6
+
+
+def test_video_start_points_cover_the_obvious_stacks() -> None:
+    """The video search is seeded with the bench's best single (EasyCache 0.2 w0.1 r6), shifted fewer steps,
+    and a cache on top of fewer steps, of guidance and of bottleneck stages; every point is in the space."""
+    from hasten.tune.search import _start_points
+    from hasten.tune.space import default_features
+
+    pts = _start_points(default_features("video"), 20, video=True)
+    assert pts[0]["easycache.on"] and pts[0]["easycache.threshold"] == 0.2 and pts[0]["easycache.max_reuse"] == 6
+    assert {"schedule.steps": 6, "schedule.shift": 1.6}.items() <= pts[2].items()
+    assert any(p["easycache.on"] and p["schedule.steps"] < 20 for p in pts)
+    assert any(p["easycache.on"] and p["guidance.mode"] == "ag" for p in pts)
+    assert any(p["easycache.on"] and p["bottleneck.on"] for p in pts)
+    assert all(5 <= p["schedule.steps"] <= 20 for p in pts)

@@ -197,7 +197,8 @@ class _Evaluator:
 
     A trial is cut short once its CPU time passes ``slow_factor`` x the baseline's: a stack slower than the
     baseline can never be the answer, and reference CPU paths (sparse attention, W8A8) would otherwise eat
-    the budget.
+    the budget. The search tightens that with :attr:`cap` (CPU seconds and why) once a slower trial cannot
+    matter any more (slower than the best feasible stack by a margin, or than a speed target allows).
     """
 
     def __init__(self, pipe: Any, prompts: Sequence[str], seeds: Sequence[int], generate: Generate,
@@ -208,6 +209,7 @@ class _Evaluator:
         self.counter = ForwardCounter(_denoiser(pipe))
         self.slow_factor = slow_factor
         self._limit: tuple[float, float] | None = None  # (start, allowed CPU seconds) while a trial runs
+        self.cap: tuple[float, str] | None = None  # a tighter CPU limit than slow_factor x baseline, and why
         self._guard = _denoiser(pipe).register_forward_pre_hook(self._check_time)
         self.base_times: list[float] = []
         self.base_images, _, _ = self._run({})
@@ -226,7 +228,7 @@ class _Evaluator:
             self.counter.take()
             t0 = time.process_time()
             if feats and self.base_times:
-                self._limit = (t0, self.slow_factor * self.base_cpu)
+                self._limit = (t0, self.limit()[0])
             try:
                 with torch.no_grad():
                     imgs = torch.cat([self.generate(self.pipe, self.prompts, s) for s in self.seeds])
@@ -247,15 +249,21 @@ class _Evaluator:
     def base_cpu(self) -> float:
         return statistics.median(self.base_times)
 
+    def limit(self) -> tuple[float, str]:
+        """The CPU seconds a trial may use, and why it is stopped there."""
+        own = (self.slow_factor * self.base_cpu, f"slower than {self.slow_factor:g}x the baseline's CPU time")
+        return self.cap if self.cap is not None and self.cap[0] < own[0] else own
+
     def trial(self, number: int, feats: dict[str, dict[str, Any]]) -> Trial:
         from ..bench.runner import _as_frames, _as_images
 
         t = Trial(number, feats)
+        limit, why = self.limit()
         try:
             imgs, cpu, fwd = self._run(feats)
         except _TooSlow:
-            t.error = f"stopped: slower than {self.slow_factor:g}x the baseline's CPU time"
-            t.speedup = 1 / self.slow_factor
+            t.error = f"stopped: {why}"
+            t.speedup = self.base_cpu / limit  # at most this fast
             return t
         except Exception as exc:  # noqa: BLE001 - a failing combination is a failed trial, not a failed search
             t.error = f"{type(exc).__name__}: {exc}"
@@ -274,12 +282,14 @@ class _Evaluator:
         self._guard.remove()
 
 
-def _start_points(names: list[str], steps: int) -> list[dict[str, Any]]:
-    """Hand-set starting points (enqueued first), so a tiny budget still tries the obvious stacks."""
-    pts: list[dict[str, Any]] = []
+def _start_points(names: list[str], steps: int, video: bool = False) -> list[dict[str, Any]]:
+    """Hand-set starting points (enqueued first, best guesses first), so a short budget still tries the obvious
+    stacks: the best single cache of ``hasten bench``, fewer steps (plain and shifted), and a cache on top of
+    fewer / shifted steps, of guidance and of bottleneck stages. On the video model (CFG 4, trained at flow
+    shift 3) a shifted 6-8 step schedule and EasyCache with a long reuse cap are where the fast stacks are."""
     base: dict[str, Any] = {}
     if "easycache" in names:
-        base.update({"easycache.on": False})
+        base["easycache.on"] = False
     if "adaptive_guidance" in names:
         base["guidance.mode"] = "off"
     if "quantize" in names:
@@ -288,22 +298,45 @@ def _start_points(names: list[str], steps: int) -> list[dict[str, Any]]:
         base["sparse.target_mass"] = 1.0
     if "bottleneck_sampling" in names:
         base["bottleneck.on"] = False
-    if "timestep_schedule" in names:
-        for frac in (0.5, 0.35):
-            pts.append({**base, "schedule.steps": max(2, round(steps * frac)), "schedule.shift": 1.0})
+    sched = "timestep_schedule" in names
+    if sched:
         base.update({"schedule.steps": steps, "schedule.shift": 1.0})
-    if "easycache" in names:
-        pts.append({**base, "easycache.on": True, "easycache.threshold": 0.1, "easycache.warmup": 0.2,
-                    "easycache.forecast": "none"})
-    if "timestep_schedule" in names and "easycache" in names:
-        pts.append({**base, "schedule.steps": max(2, round(steps * 0.5)), "easycache.on": True,
-                    "easycache.threshold": 0.1, "easycache.warmup": 0.2, "easycache.forecast": "none"})
-    if "adaptive_guidance" in names and "timestep_schedule" in names:
-        pts.append({**base, "schedule.steps": max(2, round(steps * 0.5)), "guidance.mode": "truncate",
-                    "guidance.truncate": 0.6})
+
+    def n(frac: float) -> int:
+        return max(2, round(steps * frac))
+
+    # the bench's best single cache at its floor: video EasyCache 0.2 w0.1 r6 (2.66x at 31.1 dB), image 0.15
+    cache = ({"easycache.on": True, "easycache.threshold": 0.2, "easycache.warmup": 0.1,
+              "easycache.max_reuse": 6, "easycache.forecast": "linear"} if video else
+             {"easycache.on": True, "easycache.threshold": 0.15, "easycache.warmup": 0.2,
+              "easycache.max_reuse": 4, "easycache.forecast": "linear"})
+    light = {**cache, "easycache.threshold": 0.1, "easycache.warmup": 0.2}  # on top of fewer steps
+    pts: list[dict[str, Any]] = []
+    ec, ag = "easycache" in names, "adaptive_guidance" in names
+    if ec:
+        pts.append({**base, **cache})
+    if sched:
+        pts += [{**base, "schedule.steps": n(0.4), "schedule.shift": 1.5},
+                {**base, "schedule.steps": n(0.3), "schedule.shift": 1.6},
+                {**base, "schedule.steps": n(0.5), "schedule.shift": 1.0},
+                {**base, "schedule.steps": n(0.35), "schedule.shift": 1.0}]
+    if sched and ec:
+        pts += [{**base, **light, "schedule.steps": n(0.5)},
+                {**base, **cache, "schedule.steps": n(0.6), "schedule.shift": 1.5}]
+        if video:  # measured neighbours of the point above (12 steps, shift 1.5: 12 forwards, 31.8 dB calibration,
+            # 33.0 dB held-out): shift 2.0 gave 13 forwards at 34.0 dB, 14 steps / EasyCache 0.3 r8 12 at 31.8 dB
+            pts += [{**base, **cache, "schedule.steps": n(0.6), "schedule.shift": 2.0},
+                    {**base, **cache, "schedule.steps": n(0.7), "schedule.shift": 2.0, "easycache.threshold": 0.3,
+                     "easycache.max_reuse": 8}]
+    if ec and ag:
+        pts.append({**base, **cache, "guidance.mode": "ag", "guidance.threshold": 0.998})
+    if ag and sched:
+        pts.append({**base, "schedule.steps": n(0.5), "guidance.mode": "truncate", "guidance.truncate": 0.6})
     if "bottleneck_sampling" in names:
-        pts.append({**base, "bottleneck.on": True, "bottleneck.scale": 0.75, "bottleneck.start": 0.2,
-                    "bottleneck.end": 0.6})
+        bn = {"bottleneck.on": True, "bottleneck.scale": 0.75, "bottleneck.start": 0.2, "bottleneck.end": 0.6}
+        pts.append({**base, **bn})
+        if ec:
+            pts.append({**base, **bn, **cache})
     return pts
 
 
@@ -329,7 +362,7 @@ def tune(
     call_kwargs: dict[str, Any] | None = None,
     generate: Generate | None = None,
     margin_db: float = 1.5,
-    candidates: int = 3,
+    candidates: int = 4,
     repeats: int = 3,
     compare: Sequence[Any] = (),
     model: str = "",
@@ -337,6 +370,7 @@ def tune(
     progress: bool = True,
     on_trial: Callable[[Trial], None] | None = None,
     slow_factor: float = 1.2,
+    cut_factor: float = 1.25,
 ) -> TuneResult:
     """Search hasten's accelerator stack for ``pipe`` on ``prompts`` x ``seeds`` against the baseline.
 
@@ -345,8 +379,8 @@ def tune(
     search (optuna TPE with constraints, seeded) runs until ``budget_minutes`` (of wall-clock time, or with ``budget_clock="cpu"`` of
     this process's CPU time, for a shared and overloaded box) or ``n_trials``; Ctrl-C keeps
     the best found. A PSNR floor is searched ``margin_db`` higher, and up to ``candidates`` of the best
-    feasible stacks are checked on ``holdout_seeds`` (and ``holdout_prompts``) until one meets the objective
-    there; that one is timed wall-clock against the baseline, interleaved, ``repeats`` times (next to the
+    feasible stacks, of distinct structure (:func:`candidate_pool`), are checked fastest first on
+    ``holdout_seeds`` (and ``holdout_prompts``) until one meets the objective there; that one is timed wall-clock against the baseline, interleaved, ``repeats`` times (next to the
     bench variants in ``compare``, e.g. hand-set single accelerators). ``features`` names the searched families
     (see ``hasten.tune.SPACE``; default: those on by default). ``steps`` is the call's step count (default:
     the pipeline's ``call_defaults`` or 50). Returns a :class:`TuneResult` whose ``preset`` is ready for
@@ -356,7 +390,9 @@ def tune(
     per frame, and for the embedded video model's prompts ("digit N moving D") per-frame digit accuracy and
     ``min_motion_accuracy`` (clips moving the prompted way); the preset records ``"model": "video"`` so
     :func:`hasten.apply` refuses it on an image pipeline (and an image preset on a video one). A trial whose
-    CPU time passes ``slow_factor`` x the baseline's is stopped there (it can never be the fastest).
+    CPU time passes ``slow_factor`` x the baseline's is stopped there (it can never be the fastest), and so
+    is, under a quality floor, one passing ``cut_factor`` x the CPU time of the best feasible stack so far
+    (kept that long only as a held-out fallback), or one too slow for a ``speedup`` target.
     """
     try:
         import optuna
@@ -377,6 +413,8 @@ def tune(
         raise ValueError("min_motion_accuracy needs embedded-video prompts ('digit N moving left/right/up/down')")
     if not slow_factor > 1:
         raise ValueError(f"slow_factor must be > 1, got {slow_factor!r}")
+    if not cut_factor > 1:
+        raise ValueError(f"cut_factor must be > 1, got {cut_factor!r}")
     if budget_minutes <= 0:
         raise ValueError(f"budget_minutes must be > 0, got {budget_minutes!r}")
     if budget_clock not in ("wall", "cpu"):
@@ -412,7 +450,7 @@ def tune(
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True, group=True, **extra)
     study = optuna.create_study(direction="maximize", sampler=sampler)
     study.set_user_attr("steps", steps)
-    for pt in _start_points(names, steps):
+    for pt in _start_points(names, steps, ev.video):
         study.enqueue_trial(pt, skip_if_exists=True)
     best: Trial | None = None
     bar = tqdm(total=n_trials, desc="hasten tune", disable=not progress, unit="trial")
@@ -423,6 +461,7 @@ def tune(
             feats = exclusive({e.name: s for e in chosen_entries if (s := e.suggest(ot)) is not None})
             if len(trials) and len(trials) % 8 == 0:
                 ev.retime_baseline()
+            ev.cap = _cap(objective, best, ev.base_cpu, cut_factor)
             t = ev.trial(ot.number, feats)
             t.feasible = t.error is None and objective.met(t, margin)
             trials.append(t)
@@ -481,6 +520,17 @@ def tune(
     return result
 
 
+def _cap(objective: Objective, best: Trial | None, base_cpu: float, cut_factor: float) -> tuple[float, str] | None:
+    """The CPU time after which a trial cannot matter: ``cut_factor`` x the best feasible stack's under a quality
+    floor, the time a ``speedup`` target allows (with 5 % slack) under a speed target."""
+    if objective.speedup is not None:
+        return base_cpu / objective.speedup * 1.05, f"too slow for the {objective.speedup:g}x target"
+    if best is None or not best.speedup:
+        return None
+    return (cut_factor * base_cpu / best.speedup,
+            f"slower than {cut_factor:g}x the best stack so far (trial {best.number}, {best.speedup:.2f}x)")
+
+
 def _postfix(best: Trial | None, speed: bool) -> str:
     if best is None:
         return "best: none feasible yet"
@@ -488,21 +538,62 @@ def _postfix(best: Trial | None, speed: bool) -> str:
             else f"best {best.speedup:.2f}x")
 
 
+def structure(features: dict[str, dict[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    """What a stack *is*, ignoring its continuous knobs: the enabled families, with the schedule's step count,
+    the guidance mode, the quantization method and the bottleneck's scale. Two stacks of one structure differ
+    only in thresholds / shifts, so they tend to pass or fail a held-out check together."""
+    def kind(name: str, s: dict[str, Any]) -> Any:
+        if name == "timestep_schedule":
+            return s.get("steps")
+        if name == "bottleneck_sampling":
+            return min(s.get("scales", [1.0]))
+        return s.get("mode") or s.get("method") or True
+
+    return tuple(sorted((name, kind(name, s)) for name, s in features.items()))
+
+
+def _steps_of(features: dict[str, dict[str, Any]]) -> Any:
+    return features.get("timestep_schedule", {}).get("steps")
+
+
+def candidate_pool(trials: Sequence[Trial], objective: Objective, n: int, per_steps: int = 2) -> list[Trial]:
+    """Up to ``n`` feasible trials for the held-out check, best score first, chosen for diversity: each of a
+    distinct :func:`structure`, at most ``per_steps`` of one step count. The top of a search is typically many
+    near-copies of one stack (one schedule at slightly different shifts) that overfit the calibration seeds
+    together; distinct structures fail independently, so the fastest that passes held-out is worth having.
+    Only when fewer distinct structures exist are the next best of a repeated one added."""
+    ranked = sorted((t for t in trials if t.feasible), key=objective.score, reverse=True)
+    unique: list[Trial] = []
+    for t in ranked:
+        if all(t.features != u.features for u in unique):
+            unique.append(t)
+    n = max(1, n)
+    pool: list[Trial] = []
+    structures: set[tuple[tuple[str, Any], ...]] = set()
+    per: dict[Any, int] = {}
+    for t in unique:
+        key, steps = structure(t.features), _steps_of(t.features)
+        if len(pool) < n and key not in structures and per.get(steps, 0) < per_steps:
+            pool.append(t)
+            structures.add(key)
+            per[steps] = per.get(steps, 0) + 1
+    for t in unique:  # too few distinct structures: the next best of the same ones
+        if len(pool) >= n:
+            break
+        if all(t is not q for q in pool):
+            pool.append(t)
+    return sorted(pool, key=objective.score, reverse=True)
+
+
 def _held_out(result: TuneResult, pipe: Any, objective: Objective, generate: Generate, prompts: Sequence[str],
               targets: Sequence[int] | None, seeds: Sequence[int], ctx: Context, candidates: int, repeats: int,
               compare: Sequence[Any], margin: float, video: bool = False) -> None:
-    """Check the best feasible stacks on held-out prompts/seeds; time the first that passes, wall-clock."""
+    """Check the best feasible stacks of distinct structure (:func:`candidate_pool`) on held-out prompts/seeds,
+    fastest first; time the first (the fastest) that passes, wall-clock."""
     from ..bench.runner import run_bench
     from ..bench.variants import Variant
 
-    ranked = sorted((t for t in result.trials if t.feasible), key=objective.score, reverse=True)
-    seen: list[dict[str, Any]] = []
-    pool = []
-    for t in ranked:
-        if t.features not in seen:
-            seen.append(t.features)
-            pool.append(t)
-    pool = pool[:max(1, candidates)]
+    pool = candidate_pool(result.trials, objective, candidates)
 
     def gen(p: Any, seed: int) -> torch.Tensor:
         return generate(p, prompts, seed)

@@ -109,12 +109,13 @@ def _suggest_easycache(trial: Any) -> Settings | None:
     out: Settings = {
         "threshold": round(trial.suggest_float("easycache.threshold", 0.02, 0.5, log=True), 4),
         "warmup": round(trial.suggest_float("easycache.warmup", 0.05, 0.4), 3),
+        # the reuse cap bounds the saving (at 20 steps the default 4 in a row caps it at 2.5x)
+        "max_consecutive_reuse": trial.suggest_categorical("easycache.max_reuse", [4, 6, 8]),
     }
     from ..caches.easycache import FORECASTS
 
-    forecast = trial.suggest_categorical("easycache.forecast", list(FORECASTS))
-    if forecast != "none":
-        out["forecast"] = forecast
+    # stored always: leaving "none" out would give the config's default forecast ("linear")
+    out["forecast"] = trial.suggest_categorical("easycache.forecast", list(FORECASTS))
     return out
 
 
