@@ -67,6 +67,19 @@ class ParallelRow:
         return asdict(self)
 
 
+def _timed_run(pipe: Any, generate: Callable[[Any, int], torch.Tensor], seeds: Sequence[int],
+               res: dict[str, Any]) -> None:
+    """One timed pass over ``seeds``: append its wall time to ``res["times"]``, keep the first pass's images."""
+    imgs, elapsed = [], 0.0
+    for seed in seeds:
+        t0 = time.perf_counter()
+        imgs.append(generate(pipe, seed))
+        elapsed += time.perf_counter() - t0
+    res["times"].append(elapsed)
+    if res["images"] is None:
+        res["images"] = torch.cat(imgs).float().cpu()
+
+
 def _measure(pipe: Any, names: Sequence[str], generate: Callable[[Any, int], torch.Tensor], seeds: Sequence[int],
              repeats: int, steps: int) -> dict[str, dict[str, Any]]:
     """Interleaved A B C A B C ... timing; the first repeat's images are kept. Per name: times, images, error."""
@@ -79,14 +92,7 @@ def _measure(pipe: Any, names: Sequence[str], generate: Callable[[Any, int], tor
                 continue
             try:
                 v.apply(pipe)
-                imgs, elapsed = [], 0.0
-                for seed in seeds:
-                    t0 = time.perf_counter()
-                    imgs.append(generate(pipe, seed))
-                    elapsed += time.perf_counter() - t0
-                res["times"].append(elapsed)
-                if res["images"] is None:
-                    res["images"] = torch.cat(imgs).float().cpu()
+                _timed_run(pipe, generate, seeds, res)
             except Exception as exc:  # noqa: BLE001 - report, keep going with the other variants
                 res["error"] = f"{type(exc).__name__}: {exc}"
             finally:
@@ -143,14 +149,7 @@ def _measure_pipes(pipes: dict[str, Any], errors: dict[str, str], names: Sequenc
             if res["error"]:
                 continue
             try:
-                imgs, elapsed = [], 0.0
-                for seed in seeds:
-                    t0 = time.perf_counter()
-                    imgs.append(generate(pipes[name], seed))
-                    elapsed += time.perf_counter() - t0
-                res["times"].append(elapsed)
-                if res["images"] is None:
-                    res["images"] = torch.cat(imgs).float().cpu()
+                _timed_run(pipes[name], generate, seeds, res)
             except Exception as exc:  # noqa: BLE001 - report, keep going with the other variants
                 res["error"] = f"{type(exc).__name__}: {exc}"
     return out

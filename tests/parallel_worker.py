@@ -150,5 +150,23 @@ def main(argv: list[str]) -> None:
             os.remove(store)
 
 
+def run_single_and_ranks(tmp: Any, single: list[str], multi: list[str]) -> dict[str, Any]:
+    """Run this worker once in one process (``single`` feature names) and once on 2 Ulysses ranks (``multi``),
+    concurrently; return ``{"single": results, "ranks": [rank0, rank1]}`` (used by the tests' fixtures)."""
+    import subprocess
+    from pathlib import Path
+
+    one, two = Path(tmp) / "single.pt", Path(tmp) / "multi.pt"
+    procs = [subprocess.Popen([sys.executable, __file__, str(one), "single", *single],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+             subprocess.Popen([sys.executable, __file__, str(two), "ulysses", *multi],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+    load = lambda f: torch.load(f, weights_only=False)  # noqa: E731
+    return {"single": load(one), "ranks": [load(f"{two}.rank0"), load(f"{two}.rank1")]}
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -18,9 +18,6 @@ naming the fix); the embedded model takes the default.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import families as F
@@ -28,6 +25,7 @@ import pytest
 import torch
 import torch._dynamo
 from graph_counter import GraphCounter
+from parallel_worker import run_single_and_ranks
 from torch._dynamo.utils import counters
 
 import hasten
@@ -56,23 +54,11 @@ def _threads() -> None:
 
 
 # -- context parallelism (2 gloo ranks, Ulysses) ---------------------------------------------------------------
-WORKER = Path(__file__).with_name("parallel_worker.py")
 
 
 @pytest.fixture(scope="module")
 def parallel(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    tmp = tmp_path_factory.mktemp("parallel_quant")
-    single, multi = tmp / "single.pt", tmp / "multi.pt"
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(single), "single", "base", *METHODS],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-             subprocess.Popen([sys.executable, str(WORKER), str(multi), "ulysses", *METHODS],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
-    for proc in procs:
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out[-4000:]
-    load = lambda p: torch.load(p, weights_only=False)  # noqa: E731
-    return {"single": load(single), "ranks": [load(f"{multi}.rank0"), load(f"{multi}.rank1")]}
-
+    return run_single_and_ranks(tmp_path_factory.mktemp("parallel_quant"), ["base", *METHODS], list(METHODS))
 
 @pytest.mark.parametrize("method", METHODS)
 def test_two_ranks_match_single_process(parallel: dict[str, Any], method: str) -> None:

@@ -13,15 +13,12 @@ is all-gathered so every rank caches the same blocks); SADA; CacheQuant (a fixed
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from parallel_worker import run_single_and_ranks
 
-WORKER = Path(__file__).with_name("parallel_worker.py")
 FEATURES = ["base", "easycache0", "easycache0.2", "ag", "sparse", "int8", "ag+sparse+easycache0.2", "flux",
             "bottleneck", "bottleneck+easycache0.2", "delta_dit", "profiling_dit", "sada", "cachequant"]
 # dense attention and hooks that see the full tensors: identical up to float reordering (measured: 0.0);
@@ -33,17 +30,8 @@ FLUX_LATE = "flux-late"
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    tmp = tmp_path_factory.mktemp("parallel")
-    single, multi = tmp / "single.pt", tmp / "multi.pt"
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(single), "single", *FEATURES],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-             subprocess.Popen([sys.executable, str(WORKER), str(multi), "ulysses", *FEATURES, RING_SPARSE, FLUX_LATE],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
-    for proc in procs:
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out[-4000:]
-    load = lambda p: torch.load(p, weights_only=False)  # noqa: E731
-    return {"single": load(single), "ranks": [load(f"{multi}.rank0"), load(f"{multi}.rank1")]}
+    return run_single_and_ranks(tmp_path_factory.mktemp("parallel"), list(FEATURES),
+                                [*FEATURES, RING_SPARSE, FLUX_LATE])
 
 
 def _ok(res: dict[str, Any]) -> dict[str, Any]:
