@@ -48,11 +48,11 @@ class CacheQuantHook(EasyCacheHook):
         super().__init__(pipe, EasyCacheConfig(threshold=0.0))
         self.cache = policy  # type: ignore[assignment]
 
-    def on_run_start(self, num_steps: int | None) -> None:
+    label = "CacheQuant"
+
+    def reuses_outputs(self) -> bool:
         plan = getattr(self.cache, "plan", None)  # a calibration recorder computes every step: nothing reused
-        if plan is not None and plan.num_computed < plan.num_steps:
-            refuse_fresh_noise_scheduler(self.pipe_ref() if self.pipe_ref is not None else None, "CacheQuant")
-        super().on_run_start(num_steps)
+        return plan is not None and plan.num_computed < plan.num_steps
 
     def report(self) -> None:
         """Log once per run what the schedule did."""

@@ -10,7 +10,7 @@ import torch
 from ..caches import EasyCache, EasyCacheConfig, RunStats, run_cached
 from .denoiser import CallInfo, log, main_tensor, row_keys, slice_batch, split_input
 from .registry import install, make_config, uninstall
-from .runhook import RunHook, RunHookFeature, refuse_stacked_step_cache
+from .runhook import RunHook, RunHookFeature, refuse_fresh_noise_scheduler, refuse_stacked_step_cache
 
 HOOK_NAME = "hasten_easycache"
 PRIORITY = 50  # hook stacking: below guidance (100) and sparse attention (75)
@@ -22,8 +22,19 @@ class EasyCacheHook(RunHook):
     Subclasses (SADA, CacheQuant) drive another step-cache policy through the same call handling.
     """
 
+    label = "EasyCache"  # the name a refusal or log line uses
+
     def __init__(self, pipe: Any, config: EasyCacheConfig) -> None:
         super().__init__(pipe, EasyCache(config))
+
+    def reuses_outputs(self) -> bool:
+        """Whether this run may hand back a reused denoiser output (a threshold of 0 never does)."""
+        return self.cache.config.threshold > 0
+
+    def begin_cache(self, num_steps: int | None) -> None:
+        if self.reuses_outputs():  # the scheduler may have been swapped since enabling
+            refuse_fresh_noise_scheduler(self.pipe_ref() if self.pipe_ref is not None else None, self.label)
+        super().begin_cache(num_steps)
 
     def log_run(self, st: RunStats) -> None:
         """What the cache did (a run that reused nothing at threshold > 0 says why)."""
@@ -89,6 +100,8 @@ def enable_easycache(pipe: Any, config: EasyCacheConfig | None = None, **kwargs:
     """
     config = make_config(EasyCacheConfig, config, kwargs)
     refuse_stacked_step_cache(pipe, "easycache")
+    if config.threshold > 0:
+        refuse_fresh_noise_scheduler(pipe, "EasyCache")
     return install(pipe, "easycache", lambda: EasyCacheFeature(pipe, config))
 
 

@@ -95,6 +95,8 @@ class SADAHook(EasyCacheHook):
     """Runs each denoiser call through :func:`hasten.caches.run_cached` with a SADA policy (and, token-level,
     gathers/scatters the kept tokens around the block chain)."""
 
+    label = "SADA"
+
     def __init__(self, pipe: Any, config: SADAConfig) -> None:
         super().__init__(pipe, EasyCacheConfig(threshold=0.0))
         self.cache = SADA(config)  # type: ignore[assignment]
@@ -104,8 +106,10 @@ class SADAHook(EasyCacheHook):
         self.rows: list[Any] | None = None  # branch keys of the forward in flight (token wiring only)
         self.kv: dict[Any, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # branch -> block -> (K, V) rows
 
+    def reuses_outputs(self) -> bool:
+        return True  # SADA's config has no threshold: every run may reuse
+
     def begin_cache(self, num_steps: int | None) -> None:
-        refuse_fresh_noise_scheduler(self.pipe_ref() if self.pipe_ref is not None else None, "SADA")
         super().begin_cache(num_steps)
         self.kv = {}
 

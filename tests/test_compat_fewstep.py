@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import hasten
+from hasten.errors import UnsupportedModelError
 from hasten.metrics import psnr
 
 FEATURES = {
@@ -77,9 +78,11 @@ def test_embedded_few_steps(embedded_base: dict, feature: str, steps: int, caplo
 
 
 def test_lcm_scheduler() -> None:
+    """EasyCache refuses LCM (its fresh noise each step makes a reused output wrong: see test_compat_fewstep2);
+    adaptive guidance works there."""
+    with pytest.raises(UnsupportedModelError, match="LCMScheduler"):
+        _lcm("easycache")
     base, base_rows = _lcm(None)
-    out, rows = _lcm("easycache")
-    assert rows == base_rows and torch.equal(out, base)
     out, rows = _lcm("ag")
     assert rows < base_rows and psnr(out, base) >= 35.0  # measured 43.3 dB, 5 of 8 rows
 

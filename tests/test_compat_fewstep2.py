@@ -14,8 +14,8 @@ Decisions (measured):
 * Bottleneck sampling costs the same quality at 4-8 steps as at 20 (the method's own cost on this model) and
   still runs 2 of 4 / 4 of 8 steps at a quarter of the tokens.
 * LCM: every LCM step re-noises the latent with fresh noise, so a reused denoiser output predicts noise that is
-  gone (tiny SD 1.5, 8 steps: SADA 28.0 dB vs. 51.5 under DDIM; CacheQuant 15.6 vs. 34.4). SADA and CacheQuant
-  refuse LCMScheduler; the block caches refuse SD 1.5's UNet and bottleneck sampling refuses LCMScheduler.
+  gone (tiny SD 1.5, 8 steps: SADA 28.0 dB vs. 51.5 under DDIM; CacheQuant 15.6 vs. 34.4; EasyCache 0.2 23.9 vs.
+  54.5). EasyCache, SADA and CacheQuant refuse LCMScheduler; the block caches refuse SD 1.5's UNet and bottleneck sampling refuses LCMScheduler.
 """
 
 from __future__ import annotations
@@ -138,18 +138,21 @@ def _lcm(steps: int = 4) -> tuple[Any, dict]:
     return pipe, kw
 
 
-@pytest.mark.parametrize("feature", ["sada", "cachequant"])
+STEP_CACHES = {"easycache": lambda p, steps: p.enable_easycache(threshold=0.2), **FEATURES}
+
+
+@pytest.mark.parametrize("feature", ["easycache", "sada", "cachequant"])
 def test_lcm_step_caches_refused(feature: str) -> None:
     """Refused at enable time, and at run time when the scheduler is swapped to LCM after enabling."""
     torch.set_num_threads(1)
     pipe, kw = _lcm()
     with pytest.raises(UnsupportedModelError, match="LCMScheduler"):
-        FEATURES[feature](pipe, 8)
+        STEP_CACHES[feature](pipe, 8)
     assert feature not in hasten.stats(pipe) and "quant" not in hasten.stats(pipe)  # nothing left installed
 
     pipe, kw = F.build("sd15")  # DDIM: accepted; then LCM swapped in: refused when the run starts
     pipe.set_progress_bar_config(disable=True)
-    FEATURES[feature](pipe, 8)
+    STEP_CACHES[feature](pipe, 8)
     ddim = pipe.scheduler
     from diffusers import LCMScheduler
 
