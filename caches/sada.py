@@ -200,6 +200,8 @@ class SADA(BranchRuns):
         for a full forward. All or nothing: one batched forward keeps the same token count for every row, so
         the call is token-level only when every branch in it can be (each from its own trajectory) and the
         adapter ``allowed`` it (e.g. it holds the branches' attention context)."""
+        if any(k not in self._branches for k in keys):
+            return None  # a forward the policy was not asked about (an adapter's fallback path): full
         branches = [self._branches[k] for k in keys]
         for b in branches:
             b.kept = b.mask = None

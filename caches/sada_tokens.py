@@ -96,3 +96,43 @@ def latent_mask(kept: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int
 def fill_pruned(out: torch.Tensor, estimate: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``out`` at kept positions, the trajectory ``estimate`` at pruned ones."""
     return torch.where(mask, out, estimate.to(out.dtype))
+
+
+def take_tokens(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """Rows ``idx`` (``(B, k)``: per batch row) of the token dimension ``dim`` of ``t`` (batch 1 or B)."""
+    t = t.movedim(dim, 1)
+    out = t[0][idx] if t.shape[0] == 1 else t[torch.arange(idx.shape[0], device=t.device)[:, None], idx]
+    return out.movedim(1, dim)
+
+
+class TokenKV:
+    """Each branch's self-attention keys/values per block, so a token-level forward's kept queries still attend
+    to every token: a full forward remembers them, a token-level one writes its kept tokens' fresh rows in."""
+
+    def __init__(self) -> None:
+        self.kv: dict[object, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # branch -> block -> (K, V)
+
+    def clear(self) -> None:
+        self.kv = {}
+
+    def ready(self, keys: list, num_blocks: int, num_tokens: int) -> bool:
+        """Every branch holds every block's keys/values for this token count."""
+        return all(len(self.kv.get(k, {})) == num_blocks and self.kv[k][0][0].shape[1] == num_tokens for k in keys)
+
+    def complete(self, keys: list, block: int, idx: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
+                 dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of ``block`` for the rows ``keys`` (token dimension ``dim``): with ``idx`` None (a full
+        forward) remembered and returned as given; else the kept tokens ``idx`` (``(B, k)``) put into the
+        remembered full sequence, which is returned."""
+        if idx is None:
+            for j, key in enumerate(keys):
+                self.kv.setdefault(key, {})[block] = (k[j : j + 1].movedim(dim, 1).detach(),
+                                                      v[j : j + 1].movedim(dim, 1).detach())
+            return k, v
+        kf = torch.cat([self.kv[key][block][0] for key in keys])
+        vf = torch.cat([self.kv[key][block][1] for key in keys])
+        at = (torch.arange(idx.shape[0], device=k.device)[:, None], idx)
+        kf[at], vf[at] = k.movedim(dim, 1).to(kf.dtype), v.movedim(dim, 1).to(vf.dtype)  # cat made copies
+        for j, key in enumerate(keys):
+            self.kv[key][block] = (kf[j : j + 1], vf[j : j + 1])
+        return kf.movedim(1, dim), vf.movedim(1, dim)

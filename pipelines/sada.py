@@ -21,6 +21,7 @@ from diffusers.hooks import ModelHook
 
 from ..caches import EasyCacheConfig, RunStats, run_cached
 from ..caches.sada import SADA, SADAConfig
+from ..caches.sada_tokens import TokenKV, take_tokens
 from ..errors import UnsupportedModelError
 from .denoiser import (
     CallInfo,
@@ -72,16 +73,6 @@ def _kv_route(real: Callable, query: torch.Tensor, key: torch.Tensor, value: tor
     return real(query, key, value, *args, **kwargs)
 
 
-def _take(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
-    """Rows ``idx`` (``(B, k)``: per batch row) of the token dimension ``dim`` of ``t`` (batch 1 or B)."""
-    t = t.movedim(dim, 1)
-    if t.shape[0] == 1:
-        out = t[0][idx]
-    else:
-        out = t[torch.arange(idx.shape[0], device=t.device)[:, None], idx]
-    return out.movedim(1, dim)
-
-
 @dataclass
 class _TokenCall:
     """A token-level forward in flight: kept token indices per row, block 0's full input, sliced side inputs."""
@@ -104,41 +95,29 @@ class SADAHook(EasyCacheHook):
         self.num_blocks = 0
         self.active: _TokenCall | None = None
         self.rows: list[Any] | None = None  # branch keys of the forward in flight (token wiring only)
-        self.kv: dict[Any, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # branch -> block -> (K, V) rows
+        self.kv = TokenKV()  # each branch's self-attention keys/values per block
 
     def reuses_outputs(self) -> bool:
         return True  # SADA's config has no threshold: every run may reuse
 
     def begin_cache(self, num_steps: int | None) -> None:
         super().begin_cache(num_steps)
-        self.kv = {}
+        self.kv.clear()
 
     def on_run_end(self) -> None:
         super().on_run_end()
-        self.kv = {}
+        self.kv.clear()
 
     def complete_kv(self, index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Self-attention keys/values of block ``index``: a full forward remembers each row's; a token-level one
         puts its kept tokens' fresh ones into the remembered full sequence, so the kept queries see every token."""
-        rows, call = self.rows, self.active
-        if rows is None:
+        if self.rows is None:
             return k, v
-        if call is None:
-            for j, key in enumerate(rows):
-                self.kv.setdefault(key, {})[index] = (k[j : j + 1].detach(), v[j : j + 1].detach())
-            return k, v
-        kf = torch.cat([self.kv[key][index][0] for key in rows])
-        vf = torch.cat([self.kv[key][index][1] for key in rows])
-        at = (torch.arange(call.idx.shape[0], device=k.device)[:, None], call.idx)
-        kf[at], vf[at] = k.to(kf.dtype), v.to(vf.dtype)  # (cat made copies: the remembered rows stay)
-        for j, key in enumerate(rows):
-            self.kv[key][index] = (kf[j : j + 1], vf[j : j + 1])
-        return kf, vf
+        return self.kv.complete(self.rows, index, None if self.active is None else self.active.idx, k, v)
 
     def _has_kv(self, keys: list[Any], x: torch.Tensor) -> bool:
         """Every branch has every block's keys/values for this input's token count."""
-        n = self.num_tokens(x)
-        return all(len(self.kv.get(k, {})) == self.num_blocks and self.kv[k][0][0].shape[1] == n for k in keys)
+        return self.kv.ready(keys, self.num_blocks, self.num_tokens(x))
 
     def num_tokens(self, x: torch.Tensor) -> int:
         from ..caches.sada_tokens import token_grid
@@ -219,18 +198,18 @@ class SADAHook(EasyCacheHook):
             if h.shape[0] != idx.shape[0]:
                 raise RuntimeError(f"hasten SADA tokens: block input has {h.shape[0]} rows, plan has {idx.shape[0]}")
             call.full = h
-            bound["hidden_states"] = _take(h, idx, 1)
+            bound["hidden_states"] = take_tokens(h, idx, 1)
         num_tokens = call.full.shape[1] if call.full is not None else -1
         temb = bound.get("temb")
         if isinstance(temb, torch.Tensor) and temb.ndim == 4 and temb.shape[1] == num_tokens:  # Wan 2.2 per-token
-            bound["temb"] = call.memo.setdefault(id(temb), _take(temb, idx, 1))
+            bound["temb"] = call.memo.setdefault(id(temb), take_tokens(temb, idx, 1))
         rope = bound.get("rotary_emb")
         if rope is not None:
             key = id(rope)
             if key not in call.memo:
                 parts = rope if isinstance(rope, (tuple, list)) else (rope,)
-                cut = [_take(p, idx, 1) if p.shape[1] == num_tokens else
-                       _take(p, idx, 2) if p.ndim > 2 and p.shape[2] == num_tokens else p for p in parts]
+                cut = [take_tokens(p, idx, 1) if p.shape[1] == num_tokens else
+                       take_tokens(p, idx, 2) if p.ndim > 2 and p.shape[2] == num_tokens else p for p in parts]
                 call.memo[key] = type(rope)(cut) if isinstance(rope, (tuple, list)) else cut[0]
             bound["rotary_emb"] = call.memo[key]
         out = forward(**bound)

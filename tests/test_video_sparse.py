@@ -113,14 +113,16 @@ def test_dense_final_steps():
         AdaSpaConfig(dense_final_steps=-1)
 
 
-def test_comfy_compile_node_compiles_once_not_per_layer(comfy):
+def test_comfy_compile_node_compiles_once_not_per_layer(comfy, monkeypatch):
     """Six attention layers through ComfyUI's ``optimized_attention`` (the real ``wrap_attn`` override path),
     compiled: the graph count stays below the layer count (before: one recompile per layer until dynamo's
-    recompile limit), a second run compiles nothing, and the output equals the eager one."""
+    recompile limit), a third run compiles nothing (run 2 at most one variant more), outputs equal the eager one."""
     import comfy.ldm.modules.attention as ca
     from torch._dynamo.testing import CompileCounter
 
     from hasten.nodes import sparse_attention as ns
+
+    import comfy_env
 
     layers, heads, d, steps = 6, 2, 16, 5
 
@@ -155,6 +157,7 @@ def test_comfy_compile_node_compiles_once_not_per_layer(comfy):
                 y = fn(x, topts)
         return y, policy
 
+    comfy_env.pin_free_memory(monkeypatch)  # ComfyUI's memory-sized attention chunks would otherwise be guarded on
     eager, pol = run(model)
     assert pol.stats.sparse_calls > 0 and pol.stats.blocks_kept < pol.stats.blocks_total
     torch._dynamo.reset()
@@ -163,7 +166,16 @@ def test_comfy_compile_node_compiles_once_not_per_layer(comfy):
     first, _ = run(compiled)
     after_first = counter.frame_count
     second, pol2 = run(compiled)
-    assert 0 < after_first < layers, after_first
-    assert counter.frame_count == after_first, "the second run recompiled"
+    after_second = counter.frame_count
+    third, _ = run(compiled)
+    print(f"compiled frames: {after_first} after run 1, {after_second} after run 2, {counter.frame_count} after run 3")
+    # Bounded, not per layer or per step: the code resuming after the eager policy call specializes on whether
+    # the policy answered (tensor) or handed back to ComfyUI's attention (None); which variants the first run
+    # compiles depends on the machine (CI: 2 then 3 frames; here 1 then 2), so the steady state is checked on a
+    # third run: nothing new once both variants exist.
+    assert 0 < after_first <= after_second < layers, (after_first, after_second)
+    assert after_second - after_first <= 1, (after_first, after_second)
+    assert counter.frame_count == after_second, "the third run recompiled"
     assert pol2.stats.sparse_calls == pol.stats.sparse_calls
     assert torch.allclose(first, eager, atol=1e-5) and torch.allclose(second, eager, atol=1e-5)
+    assert torch.allclose(third, eager, atol=1e-5)
