@@ -257,7 +257,7 @@ class DigitClassifier:
     space (its hidden ReLU activations). ``probabilities`` are the reader's. Without a ``reader`` the MLP reads.
 
     Why a CNN: checked against digits labelled by eye (``tests/data/reader_labels.npz``), it agreed with the
-    labels on 40/40 image-model baselines and 34/40 readable video frames; the former RBF-SVM on raw pixels
+    labels on 40/40 image-model baselines and 36/40 readable video frames; the former RBF-SVM on raw pixels
     read 39/40 (the demo's default, a large off-centre 3, as 9) and 31/40.
 
     ``holdout_accuracy`` is measured on 20% of the real digits kept out of training, as rendered;

@@ -22,6 +22,7 @@ per-block features because the kept tokens attend to cached keys/values.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,24 @@ def take_tokens(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     t = t.movedim(dim, 1)
     out = t[0][idx] if t.shape[0] == 1 else t[torch.arange(idx.shape[0], device=t.device)[:, None], idx]
     return out.movedim(1, dim)
+
+
+def put_tokens(full: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A copy of ``full`` (``(B, N, …)``) with the kept tokens ``idx`` (``(B, k)``) set to ``values`` (``(B, k, …)``):
+    the scatter after the last block."""
+    out = full.clone()
+    out[torch.arange(idx.shape[0], device=full.device)[:, None], idx] = values.to(full.dtype)
+    return out
+
+
+@dataclass
+class TokenCall:
+    """A token-level forward in flight: kept token indices per row, block 0's full input (scattered into after
+    the last block), and side inputs already sliced to the kept tokens (keyed by the source tensor's id)."""
+
+    idx: torch.Tensor  # (B, k)
+    full: torch.Tensor | None = None
+    memo: dict[int, object] = field(default_factory=dict)
 
 
 class TokenKV:

@@ -30,7 +30,7 @@ import torch
 
 from ..caches import RunStats
 from ..caches.sada import SADA, SADAConfig
-from ..caches.sada_tokens import TokenKV, take_tokens
+from ..caches.sada_tokens import TokenCall, TokenKV, put_tokens, take_tokens
 from .easycache import (
     RUN_KEY,
     WRAPPER_KEY,
@@ -42,12 +42,13 @@ from .easycache import (
 )
 from .runs import batch_rows, last_run_stats, num_steps_of, rewrap, scoped_run
 from .schema import CATEGORY, advanced, fail, io
+from .sparse_attention import HOLDER_KEY as SPARSE_HOLDER_KEY
+from .sparse_attention import OVERRIDE_KEY
 
 log = logging.getLogger("hasten")
 NAME = "SADA (hasten)"
 HOLDER_KEY = "hasten_sada"
 TOKENS_KEY = "hasten_sada_tokens"  # DIFFUSION_MODEL wrapper key of the token-level wiring
-OVERRIDE_KEY = "optimized_attention_override"
 TOKEN_MODELS = ("WanModel",)  # comfy.ldm.wan.model.WanModel (Wan 2.1/2.2 T2V/I2V, hasten's embedded models)
 
 _DEFAULTS = SADAConfig()
@@ -91,22 +92,13 @@ class SADAHolder:
 
 
 @dataclass
-class _TokenCall:
-    """A token-level forward in flight: kept token indices per row, block 0's full input, sliced side inputs."""
-
-    idx: torch.Tensor  # (B, k)
-    full: torch.Tensor | None = None
-    memo: dict[int, Any] = field(default_factory=dict)
-
-
-@dataclass
 class _SADARun(_Run):
     """One sampling run, plus the token-level wiring's state (per run: nothing leaks into the next)."""
 
     patch: tuple[int, int, int] | None = None
     num_blocks: int = 0
     rows: list[Any] | None = None  # branch keys of the forward in flight
-    active: _TokenCall | None = None  # set during a token-level forward
+    active: TokenCall | None = None  # set during a token-level forward
     block: int = -1  # the block running now
     expect_self: bool = False  # the block's next attention call is its self-attention
     kv: TokenKV = field(default_factory=TokenKV)
@@ -198,7 +190,7 @@ def diffusion_model_wrapper(executor: Any, x: torch.Tensor, timestep: Any, conte
     like = [x[i : i + 1, :out_dim] for i in range(x.shape[0])]  # the latent rows the core remembers (no c_concat)
     num_tokens = (x.shape[2] // run.patch[0]) * (x.shape[3] // run.patch[1]) * (x.shape[4] // run.patch[2])
     plans = cache.token_plan(keys, like, run.patch, allowed=run.has_kv(keys, num_tokens))
-    run.active = None if plans is None else _TokenCall(torch.stack(plans).to(x.device))
+    run.active = None if plans is None else TokenCall(torch.stack(plans).to(x.device))
     run.rows = keys
     active = run.active
     try:
@@ -250,9 +242,7 @@ class _TokenBlock:
         out = original(new)
         if not self.last:
             return out
-        full = call.full.clone()
-        full[torch.arange(idx.shape[0], device=full.device)[:, None], idx] = out["img"].to(full.dtype)
-        return {**out, "img": full}
+        return {**out, "img": put_tokens(call.full, idx, out["img"])}
 
 
 def attention_override(func: Any, *args: Any, **kwargs: Any) -> Any:
@@ -317,7 +307,7 @@ def _wire_tokens(m: Any, holder: SADAHolder) -> None:
     if taken:
         fail(NAME, f"token-level sparsity needs the Wan blocks, but another node already replaced {len(taken)} of "
                    "them (a block cache such as Δ-DiT / ProfilingDiT?). Use tokens = 0 (step-level SADA) with it.")
-    if "hasten_sparse_attention" in topts:  # nodes/sparse_attention.py's HOLDER_KEY
+    if SPARSE_HOLDER_KEY in topts:
         fail(NAME, "token-level sparsity shortens the query sequence that Sparse Attention (hasten) works on; use "
                    "tokens = 0 (step-level SADA) with it.")
     holder.patch, holder.num_blocks, holder.previous_override = patch, num_blocks, topts.get(OVERRIDE_KEY)

@@ -13,7 +13,6 @@ import contextvars
 import functools
 import types
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from diffusers.hooks import ModelHook
 
 from ..caches import EasyCacheConfig, RunStats, run_cached
 from ..caches.sada import SADA, SADAConfig
-from ..caches.sada_tokens import TokenKV, take_tokens
+from ..caches.sada_tokens import TokenCall, TokenKV, put_tokens, take_tokens
 from ..errors import UnsupportedModelError
 from .denoiser import (
     CallInfo,
@@ -73,15 +72,6 @@ def _kv_route(real: Callable, query: torch.Tensor, key: torch.Tensor, value: tor
     return real(query, key, value, *args, **kwargs)
 
 
-@dataclass
-class _TokenCall:
-    """A token-level forward in flight: kept token indices per row, block 0's full input, sliced side inputs."""
-
-    idx: torch.Tensor  # (B, k)
-    full: torch.Tensor | None = None
-    memo: dict[int, Any] = field(default_factory=dict)
-
-
 class SADAHook(EasyCacheHook):
     """Runs each denoiser call through :func:`hasten.caches.run_cached` with a SADA policy (and, token-level,
     gathers/scatters the kept tokens around the block chain)."""
@@ -93,7 +83,7 @@ class SADAHook(EasyCacheHook):
         self.cache = SADA(config)  # type: ignore[assignment]
         self.patch: tuple[int, int, int] | None = None  # set when token-level sparsity is wired
         self.num_blocks = 0
-        self.active: _TokenCall | None = None
+        self.active: TokenCall | None = None
         self.rows: list[Any] | None = None  # branch keys of the forward in flight (token wiring only)
         self.kv = TokenKV()  # each branch's self-attention keys/values per block
 
@@ -162,7 +152,7 @@ class SADAHook(EasyCacheHook):
             row_keys_ = [keys[i] for i in todo]
             plans = cache.token_plan(row_keys_, [x[i : i + 1] for i in todo], self.patch,  # type: ignore[arg-type]
                                      allowed=self._has_kv(row_keys_, x))
-            self.active = None if plans is None else _TokenCall(torch.stack(plans).to(x.device))
+            self.active = None if plans is None else TokenCall(torch.stack(plans).to(x.device))
             self.rows = row_keys_
             try:
                 with row_keys(module, row_keys_, info.step):
@@ -215,9 +205,7 @@ class SADAHook(EasyCacheHook):
         out = forward(**bound)
         if index == self.num_blocks - 1:
             assert call.full is not None
-            full = call.full.clone()
-            full[torch.arange(idx.shape[0], device=full.device)[:, None], idx] = out.to(full.dtype)
-            return full
+            return put_tokens(call.full, idx, out)
         return out
 
 
