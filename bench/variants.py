@@ -129,6 +129,23 @@ def cfg_truncation(fraction: float) -> Variant:
     return hasten_feature(f"hasten-cfg-truncate@{fraction:g}", "adaptive_guidance", mode="truncate", truncate=fraction)
 
 
+def fewer_steps(steps: int) -> Variant:
+    """Plain fewer steps on the scheduler's own spacing (no accelerator): the reference any speed-up must beat,
+    since lowering the step count is what a user tries first (``timestep_schedule`` at shift 1)."""
+
+    def apply(pipe: Pipe) -> None:
+        from ..tune import enable_timestep_schedule
+
+        enable_timestep_schedule(pipe, steps=steps, shift=1.0)
+
+    def remove(pipe: Pipe) -> None:
+        from ..tune import disable_timestep_schedule
+
+        disable_timestep_schedule(pipe)
+
+    return Variant(f"fewer-steps@{steps}", "reference", apply, remove, {"steps": steps})
+
+
 def bottleneck(scale: float = 0.5, boundaries: tuple[float, float] = (0.2, 0.7)) -> Variant:
     return hasten_feature(f"hasten-bottleneck@{scale:g}", "bottleneck_sampling", scales=(1.0, scale, 1.0),
                           boundaries=boundaries)

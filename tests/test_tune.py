@@ -236,6 +236,34 @@ def test_cli_needs_an_objective_and_lists_features(capsys) -> None:
     assert "unknown feature" in capsys.readouterr().err
 
 
+def test_fewer_steps_reference_and_verdict_keep_it_apart_from_singles(pipe, capsys) -> None:
+    """``--compare singles`` times plain fewer steps too: a real shorter run (rows at the first block), and
+    read as a reference next to the singles, never as one of them."""
+    from hasten.bench.runner import BenchRow
+    from hasten.bench.variants import fewer_steps
+    from hasten.tune.cli import _singles, _verdict
+
+    v = fewer_steps(3)
+    v.apply(pipe)
+    try:
+        with _Rows(pipe) as rows:
+            img = _gen(pipe, 3)
+    finally:
+        v.remove(pipe)
+    assert rows.n == 2 * 3 * len(DIGITS) and "set_timesteps" not in vars(pipe.scheduler)
+    assert metrics.psnr(img, _gen(pipe, 3)) < 60  # a different, shorter run
+    assert [r.name for r in _singles(20, "video") if r.family == "reference"] == [
+        "fewer-steps@5", "fewer-steps@6", "fewer-steps@7"]
+    rows_ = [BenchRow("baseline", "baseline", {}, speedup=1.0), BenchRow("hasten-tuned", "hasten", {}, speedup=3.0, psnr=31.0),
+             BenchRow("hasten-easycache@0.2", "hasten", {}, speedup=2.5, psnr=32.0),
+             BenchRow("hasten-easycache@0.3", "hasten", {}, speedup=2.9, psnr=29.0),
+             BenchRow("fewer-steps@6", "reference", {}, speedup=3.3, psnr=30.5)]
+    _verdict(rows_, 30.0)
+    out = capsys.readouterr().out
+    assert "best single reaching 30 dB: hasten-easycache@0.2 2.50x (32.00 dB); tuned stack 3.00x = 1.20x" in out
+    assert "best plain fewer-steps run reaching 30 dB: fewer-steps@6 3.30x (30.50 dB); tuned stack 3.00x = 0.91x" in out
+
+
 def test_import_hasten_tune_is_callable() -> None:
     import hasten.tune.search  # noqa: F401 - importing a submodule rebinds hasten.tune to the package
 
@@ -490,3 +518,16 @@ def test_video_start_points_cover_the_obvious_stacks() -> None:
     assert any(p["easycache.on"] and p["guidance.mode"] == "ag" for p in pts)
     assert any(p["easycache.on"] and p["bottleneck.on"] for p in pts)
     assert all(5 <= p["schedule.steps"] <= 20 for p in pts)
+
+
+def test_default_search_leaves_out_what_a_cpu_never_speeds_up() -> None:
+    """On a CPU the video search drops sparse attention (a GPU kernel: every such trial was stopped as too
+    slow); on a GPU it stays, and naming it searches it anyway."""
+    from hasten.tune.space import SPACE, default_features, entries
+
+    assert "sparse_attention" in default_features("video")
+    cpu = default_features("video", "cpu")
+    assert "sparse_attention" not in cpu and {"timestep_schedule", "easycache", "bottleneck_sampling"} <= set(cpu)
+    assert default_features("image", "cpu") == default_features("image")
+    assert [e.name for e in entries(["sparse_attention"])] == ["sparse_attention"]
+    assert SPACE["sparse_attention"].why_not_on_cpu

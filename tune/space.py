@@ -38,6 +38,7 @@ class Entry:
     default: bool = True  # searched unless the caller names the features
     order: int = 50  # enable order (schedule and weights first, hooks after)
     why_not_default: str = ""
+    why_not_on_cpu: str = ""  # set: left out of the default search when the denoiser runs on a CPU (never faster)
 
 
 SPACE: dict[str, Entry] = {}
@@ -201,7 +202,9 @@ def _suggest_sparse(trial: Any) -> Settings | None:
 
 register(Entry("sparse_attention", _suggest_sparse, _config("kernels.adaspa", "AdaSpaConfig"),
                *_method("sparse_attention"), default=False,
-               why_not_default="stays dense below its minimum sequence length (1024 tokens)"))
+               why_not_default="stays dense below its minimum sequence length (1024 tokens)",
+               why_not_on_cpu="its block-sparse kernel is a GPU (Triton) kernel; on a CPU every trial with it ran "
+                              "slower than the cut and was stopped (9 of 33 trials of a 15-minute video search)"))
 
 
 # --- the families other hasten modules add (opt-in here until measured in a tune run) --------------------------
@@ -286,10 +289,12 @@ register(Entry("cachequant", _suggest_cachequant, _config("caches.cachequant", "
 VIDEO_DEFAULTS = ("bottleneck_sampling", "sparse_attention")
 
 
-def default_features(model: str = "image") -> list[str]:
-    """The families searched unless named: the registry's defaults, plus :data:`VIDEO_DEFAULTS` for videos."""
+def default_features(model: str = "image", device: str = "cuda") -> list[str]:
+    """The families searched unless named: the registry's defaults, plus :data:`VIDEO_DEFAULTS` for videos,
+    less those that are never faster on ``device`` "cpu" (``why_not_on_cpu``; name them to search them anyway)."""
     out = [n for n, e in SPACE.items() if e.default]
-    return out + [n for n in VIDEO_DEFAULTS if n in SPACE and n not in out] if model == "video" else out
+    out += [n for n in VIDEO_DEFAULTS if n in SPACE and n not in out] if model == "video" else []
+    return [n for n in out if not (device == "cpu" and SPACE[n].why_not_on_cpu)]
 
 
 def exclusive(feats: dict[str, Settings]) -> dict[str, Settings]:
