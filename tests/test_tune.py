@@ -518,6 +518,9 @@ def test_video_start_points_cover_the_obvious_stacks() -> None:
     assert any(p["easycache.on"] and p["guidance.mode"] == "ag" for p in pts)
     assert any(p["easycache.on"] and p["bottleneck.on"] for p in pts)
     assert all(5 <= p["schedule.steps"] <= 20 for p in pts)
+    plain = {p["schedule.steps"] for p in pts if p["schedule.shift"] == 1.0 and not p["easycache.on"]
+             and p["guidance.mode"] == "off"}
+    assert {5, 6, 7} <= plain  # the reference rows of --compare singles (fewer-steps@5/6/7) are tried
 
 
 def test_default_search_leaves_out_what_a_cpu_never_speeds_up() -> None:

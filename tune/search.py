@@ -319,7 +319,10 @@ def _start_points(names: list[str], steps: int, video: bool = False) -> list[dic
         pts += [{**base, "schedule.steps": n(0.4), "schedule.shift": 1.5},
                 {**base, "schedule.steps": n(0.3), "schedule.shift": 1.6},
                 {**base, "schedule.steps": n(0.5), "schedule.shift": 1.0},
-                {**base, "schedule.steps": n(0.35), "schedule.shift": 1.0}]
+                {**base, "schedule.steps": n(0.35), "schedule.shift": 1.0},
+                # plain fewer steps, the reference rows of `--compare singles`: the search tries what it is read against
+                {**base, "schedule.steps": n(0.3), "schedule.shift": 1.0},
+                {**base, "schedule.steps": n(0.25), "schedule.shift": 1.0}]
     if sched and ec:
         pts += [{**base, **light, "schedule.steps": n(0.5)},
                 {**base, **cache, "schedule.steps": n(0.6), "schedule.shift": 1.5}]
