@@ -64,13 +64,24 @@ def _pair(img: Any, ref: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------- vs. the baseline
-def psnr(img: Any, ref: Any) -> float:
-    """Mean per-image PSNR in dB against the same-seed baseline ``ref`` (inf where identical)."""
+def psnr_items(img: Any, ref: Any) -> list[float]:
+    """PSNR in dB of each image against its same-seed baseline ``ref`` (inf where identical): the spread a
+    mean hides, such as one collapsed output among good ones."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     a, b = _pair(img, ref)
-    vals = [peak_signal_noise_ratio(x[None], y[None], data_range=1.0).item() for x, y in zip(a, b)]
-    return float(np.mean(vals))
+    return [float(peak_signal_noise_ratio(x[None], y[None], data_range=1.0).item()) for x, y in zip(a, b)]
+
+
+def psnr(img: Any, ref: Any) -> float:
+    """Mean per-image PSNR in dB against the same-seed baseline ``ref`` (inf where identical)."""
+    return float(np.mean(psnr_items(img, ref)))
+
+
+def psnr_mean_worst(img: Any, ref: Any) -> tuple[float, float]:
+    """(mean, lowest) per-image PSNR in dB against the same-seed baseline: the figure and what it may hide."""
+    items = psnr_items(img, ref)
+    return float(np.mean(items)), min(items)
 
 
 def ssim(img: Any, ref: Any) -> float:

@@ -18,14 +18,15 @@ COLUMNS = [
     ("work", "work", "{:.2f}x"),
     ("weights", "weight_ratio", "{:.2f}x"),
     ("PSNR dB", "psnr", "{:.2f}"),
+    ("worst dB", "psnr_worst", "{:.2f}"),
     ("SSIM", "ssim", "{:.4f}"),
     ("digit acc", "accuracy", "{:.0%}"),
     ("motion acc", "motion_accuracy", "{:.0%}"),
     ("Fréchet", "frechet", "{:.2f}"),
     ("keys kept", "key_blocks_kept", "{:.0%}"),
 ]
-# shown only when some row has a value (video metrics, sparse attention's kept key blocks)
-OPTIONAL = {"motion_accuracy", "key_blocks_kept"}
+# shown only when some row has a value (video metrics, sparse attention's kept key blocks, the worst item's PSNR)
+OPTIONAL = {"motion_accuracy", "key_blocks_kept", "psnr_worst"}
 
 
 def _cell(value: Any, fmt: str) -> str:

@@ -37,6 +37,7 @@ class BenchRow:
     work: float | None = None  # denoiser tokens processed per image vs. the baseline's (bottleneck's smaller stage)
     weight_ratio: float | None = None  # denoiser weight bytes vs. the unquantized model in bf16
     psnr: float | None = None
+    psnr_worst: float | None = None  # the lowest per-image (per-clip) PSNR: one collapsed output a mean hides
     ssim: float | None = None
     accuracy: float | None = None  # per image; per frame on videos
     per_class: dict[int, float] | None = None
@@ -250,7 +251,7 @@ def run_bench(
         row.forwards_per_image = forwards[i]
         row.work = tokens[i] / tokens[base_i] if tokens.get(base_i) else None
         if i != base_i and base_i in images:
-            row.psnr = metrics.psnr(_as_images(images[i]), _as_images(images[base_i]))
+            row.psnr, row.psnr_worst = metrics.psnr_mean_worst(_as_images(images[i]), _as_images(images[base_i]))
             row.ssim = metrics.ssim(_as_frames(images[i]), _as_frames(images[base_i]))
         if score is not None:
             for key, value in score(images[i]).items():

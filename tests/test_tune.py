@@ -4,6 +4,7 @@ Ctrl-C keeps the best, the timestep schedule is exact when off, and the ComfyUI 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -358,6 +359,58 @@ def test_slower_than_baseline_trials_are_cut_short(pipe, monkeypatch) -> None:
     assert t.speedup == pytest.approx(1 / 1.2)
 
 
+def test_worst_item_floor_catches_one_spoilt_output(pipe, monkeypatch) -> None:
+    """One spoilt image among untouched ones: the mean PSNR is infinite and passes any mean floor, the worst
+    item's does not; ``min_worst_psnr`` refuses the stack that ``min_psnr`` alone accepts, and the trial's
+    worst-item figure is the one measured here independently."""
+    from hasten.tune import SPACE, Entry
+    from hasten.tune.search import Objective
+
+    handles: list = []
+
+    def spoil(p, settings, ctx) -> None:
+        def hook(m, a, out):
+            out = out.clone()
+            out[0] += 0.5  # batch row 0: the first prompt's branch, whichever way the pipeline batches CFG
+            return out
+
+        handles.append(p.transformer.proj_out.register_forward_hook(hook))
+
+    def unspoil(p) -> None:
+        while handles:
+            handles.pop().remove()
+
+    monkeypatch.setitem(SPACE, "spoil", Entry("spoil", lambda t: {}, dict, spoil, unspoil))
+    kw = {"seeds": (0,), "holdout_seeds": (1000,), "features": ["spoil"], "n_trials": 1, "repeats": 1,
+          "call_kwargs": {"num_inference_steps": STEPS}, "progress": False, "slow_factor": 3.0}
+    mean_only = hasten.tune(pipe, digit_prompts(DIGITS), min_psnr=30.0, **kw)
+    t = mean_only.trials[0]
+    assert t.feasible and t.psnr == float("inf") and t.psnr_worst < 30.0 and not handles
+    base = _gen(pipe, 0)
+    spoil(pipe, {}, None)
+    try:
+        img = _gen(pipe, 0)
+    finally:
+        unspoil(pipe)
+    items = metrics.psnr_items(img, base)
+    assert items[1:] == [float("inf")] * (len(DIGITS) - 1) and t.psnr_worst == pytest.approx(items[0])
+    assert metrics.psnr_mean_worst(img, base) == (float("inf"), items[0])
+    assert mean_only.held_out["psnr_worst"] < 30.0 and mean_only.preset["measured"]["psnr_worst"] < 30.0
+    from hasten.bench.report import table
+    from hasten.bench.runner import BenchRow
+
+    head, _, _, row = (re.split(r"\s{2,}", line.strip()) for line in
+                       table([BenchRow(**r) for r in mean_only.compared]).splitlines()[:4])
+    assert row[0] == "hasten-tuned"  # the stack's row shows the worst item, the mean reads "inf"
+    assert row[head.index("PSNR dB")] == "inf"
+    assert float(row[head.index("worst dB")]) == pytest.approx(mean_only.held_out["psnr_worst"], abs=0.006)
+    both = hasten.tune(pipe, digit_prompts(DIGITS), min_psnr=30.0, min_worst_psnr=30.0, **kw)
+    assert not both.trials[0].feasible and both.best is None
+    obj = Objective(min_psnr=30.0, min_worst_psnr=25.0)
+    assert obj.quality() == obj and obj.violations({"psnr": 40.0, "psnr_worst": 20.0}, margin=1.5) == [-8.5, 5.0]
+    assert Objective(min_worst_psnr=25.0).met({"psnr_worst": 26.0})
+
+
 # -- CacheQuant: one calibration per (method, sampling) in a search ------------------------------------------
 def test_cachequant_calibrates_once_per_method_and_schedule(pipe, monkeypatch) -> None:
     """Trials that only move CacheQuant's speed-up re-plan from the memoised calibration (one calibration per
@@ -448,6 +501,7 @@ def test_held_out_takes_the_fastest_that_passes(monkeypatch) -> None:
     class Row:
         def __init__(self, feats, repeats) -> None:
             self.psnr = held_psnr[feats["timestep_schedule"]["steps"]] if feats else None
+            self.psnr_worst = self.psnr - 2.0 if self.psnr else None
             self.speedup, self.median_s, self.ssim, self.accuracy = 2.0, 1.0, 0.99, None
             self.motion_accuracy, self.forwards_per_image, self.error = None, 12.0, None
 
@@ -521,16 +575,21 @@ def test_video_start_points_cover_the_obvious_stacks() -> None:
     plain = {p["schedule.steps"] for p in pts if p["schedule.shift"] == 1.0 and not p["easycache.on"]
              and p["guidance.mode"] == "off"}
     assert {5, 6, 7} <= plain  # the reference rows of --compare singles (fewer-steps@5/6/7) are tried
+    # the 16-clip frontier point: 6 steps with CFG on the first 70 % only (11 forwards)
+    assert any(p["schedule.steps"] == 6 and p["guidance.mode"] == "truncate" and p["guidance.truncate"] == 0.7
+               and not p["easycache.on"] for p in pts)
 
 
 def test_default_search_leaves_out_what_a_cpu_never_speeds_up() -> None:
-    """On a CPU the video search drops sparse attention (a GPU kernel: every such trial was stopped as too
-    slow); on a GPU it stays, and naming it searches it anyway."""
+    """On a CPU the search drops sparse attention (a GPU kernel: every such trial was stopped as too slow)
+    and quantization (never faster there); on a GPU they stay, and naming them searches them anyway."""
     from hasten.tune.space import SPACE, default_features, entries
 
     assert "sparse_attention" in default_features("video")
     cpu = default_features("video", "cpu")
     assert "sparse_attention" not in cpu and {"timestep_schedule", "easycache", "bottleneck_sampling"} <= set(cpu)
-    assert default_features("image", "cpu") == default_features("image")
-    assert [e.name for e in entries(["sparse_attention"])] == ["sparse_attention"]
-    assert SPACE["sparse_attention"].why_not_on_cpu
+    # quantization too: int8 weights dequantize per call and W8A8 is a reference path there (measured slower)
+    assert "quantize" in default_features("image") and "quantize" not in cpu
+    assert default_features("image", "cpu") == [n for n in default_features("image") if n != "quantize"]
+    assert [e.name for e in entries(["sparse_attention", "quantize"])] == ["quantize", "sparse_attention"]
+    assert SPACE["sparse_attention"].why_not_on_cpu and SPACE["quantize"].why_not_on_cpu

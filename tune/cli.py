@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("objective (one quality floor or more, or --speedup)")
     g.add_argument("--min-psnr", type=nonneg_float, default=None, help="PSNR floor vs. the baseline, dB")
+    g.add_argument("--min-worst-psnr", type=nonneg_float, default=None,
+                   help="PSNR floor of every single image / clip (the mean can hide one collapsed output), dB")
     g.add_argument("--min-ssim", type=_fraction, default=None, help="SSIM floor vs. the baseline")
     g.add_argument("--min-digit-accuracy", type=_fraction, default=None,
                    help="share of images the digit classifier reads as the prompted digit (0-1)")
@@ -103,9 +105,9 @@ def run(args: argparse.Namespace) -> int:
                   + (f" (left out on a CPU: {e.why_not_on_cpu})" if e.why_not_on_cpu else ""))
         return 0
     if all(v is None for v in (args.min_psnr, args.min_ssim, args.min_digit_accuracy, args.speedup,
-                                args.min_motion_accuracy)):
-        raise UserError("give an objective: --min-psnr, --min-ssim, --min-digit-accuracy, --min-motion-accuracy "
-                        "or --speedup")
+                                args.min_motion_accuracy, args.min_worst_psnr)):
+        raise UserError("give an objective: --min-psnr, --min-worst-psnr, --min-ssim, --min-digit-accuracy, "
+                        "--min-motion-accuracy or --speedup")
     if args.min_motion_accuracy is not None and args.model != "video":
         raise UserError("--min-motion-accuracy is a video floor: add --model video")
     # the embedded models run on the CPU here: families never faster there are left out unless named
@@ -159,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = tune(pipe, prompts, min_psnr=args.min_psnr, min_ssim=args.min_ssim,
                   min_digit_accuracy=args.min_digit_accuracy, min_motion_accuracy=args.min_motion_accuracy,
-                  speedup=args.speedup, targets=digits, seeds=seeds, holdout_seeds=holdout, holdout_prompts=held,
+                  speedup=args.speedup, min_worst_psnr=args.min_worst_psnr, targets=digits, seeds=seeds, holdout_seeds=holdout, holdout_prompts=held,
                   holdout_targets=held_targets, features=feats, budget_minutes=args.budget_minutes,
                   budget_clock=args.budget_clock, n_trials=args.trials, steps=steps,
                   margin_db=args.margin if args.min_psnr is not None else 0.0, repeats=repeats,
@@ -181,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         h = result.held_out
         if h and h.get("speedup_wall") is not None:
             print(f"held-out (seeds {h['seeds']}, {h['repeats']} interleaved repeats): {h['speedup_wall']:.2f}x "
-                  f"wall-clock, PSNR {h['psnr']:.2f} dB, SSIM {h['ssim']:.4f}, digit accuracy "
+                  f"wall-clock, PSNR {h['psnr']:.2f} dB (worst {_db(h.get('psnr_worst'))}), SSIM {h['ssim']:.4f}, digit accuracy "
                   f"{_pct(h['accuracy'])} (baseline {_pct(h['baseline_accuracy'])})"
                   + (f", motion accuracy {_pct(h['motion_accuracy'])} (baseline {_pct(h['baseline_motion_accuracy'])})"
                      if video else ""))
@@ -199,6 +201,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out / 'tuned.json'}")
     print(f"wrote {out / 'tune.json'} and {out / 'pareto.png'}")
     return ok
+
+
+def _db(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f} dB"
 
 
 def _pct(v: float | None) -> str:
