@@ -268,10 +268,16 @@ class AdaSpaStats:
                 f"{self.dense_calls} dense calls{fb}{kept}{tail}")
 
     def no_effect_reason(self, config: AdaSpaConfig) -> str | None:
-        """Why no call went sparse in this run (None when one did), for the adapters' warning."""
-        if self.sparse_calls or self.search_calls:
+        """Why no call went sparse in this run (None when one did), for the adapters' warning. A search call
+        is a dense pass that only finds the pattern for later steps: a run that ends after it gained nothing."""
+        if self.sparse_calls:
             return None
         reasons = []
+        if self.search_calls:
+            reasons.append(f"{self.search_calls} calls searched a pattern but the run ended before a sparse step: "
+                           f"steps 0-{config.warmup_steps - 1} are dense warm-up (warmup_steps="
+                           f"{config.warmup_steps}) and step {config.warmup_steps} searches, so a run needs at least "
+                           f"{config.warmup_steps + 2} steps (or a lower warmup_steps)")
         if self.dense_calls:
             reasons.append(f"{self.dense_calls} self-attention calls stayed dense: sequences shorter than "
                            f"min_seq_len={config.min_seq_len} or a run of no more than "

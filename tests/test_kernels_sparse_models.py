@@ -209,6 +209,29 @@ def test_policy_drops_pattern_of_other_token_count():
     assert pol.patterns[("l", "c")].seq_q == 48
 
 
+def test_a_run_that_ends_at_its_search_step_warns_and_is_dense(caplog):
+    """warmup_steps=2 and a 3-step run: steps 0-1 dense, step 2 only searches (a dense pass), nothing goes
+    sparse. The output equals the dense run's, so the run must warn, naming the steps it would need."""
+    pipe, kw = _wan()
+    base = _run(pipe, kw, steps=3)
+    enable_sparse_attention(pipe, **SPARSE)
+    try:
+        with caplog.at_level(logging.WARNING, logger="hasten"):
+            out = _run(pipe, kw, steps=3)
+        st = _st(pipe)
+        assert st.search_calls > 0 and st.sparse_calls == 0
+        assert torch.allclose(out, base, atol=1e-4)  # the search pass is dense attention (up to float order)
+        msgs = [r.getMessage() for r in caplog.records if "had no effect" in r.getMessage()]
+        assert msgs and "ended before a sparse step" in msgs[0] and "at least 4 steps" in msgs[0]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hasten"):
+            _run(pipe, kw, steps=4)  # one sparse step: no warning
+        assert _st(pipe).sparse_calls > 0
+        assert not any("had no effect" in r.getMessage() for r in caplog.records)
+    finally:
+        disable_sparse_attention(pipe)
+
+
 def test_no_effect_is_a_warning(caplog):
     pipe, kw = _wan()
     enable_sparse_attention(pipe, **{**SPARSE, "min_seq_len": 10**6})
