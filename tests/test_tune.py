@@ -237,6 +237,21 @@ def test_cli_needs_an_objective_and_lists_features(capsys) -> None:
     assert "unknown feature" in capsys.readouterr().err
 
 
+def test_cli_prints_the_worst_item_and_no_verdict_without_singles(tmp_path, capsys) -> None:
+    """The CLI's held-out line carries the worst item's PSNR; without ``--compare singles`` nothing was timed
+    to read the stack against, so no "best single" verdict is printed."""
+    from hasten.cli import main
+
+    assert main(["tune", "--min-psnr", "30", "--trials", "1", "--digits", "1", "--repeats", "1",
+                 "--holdout-seeds", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    held = next(line for line in out.splitlines() if line.startswith("held-out"))
+    assert re.search(r"PSNR [\d.]+ dB \(worst [\d.]+ dB\)", held), held
+    assert "best single" not in out and "no single" not in out and "fewer-steps run" not in out
+    saved = json.loads((tmp_path / "tuned.json").read_text())
+    assert saved["measured"]["psnr_worst"] <= saved["measured"]["psnr"]
+
+
 def test_fewer_steps_reference_and_verdict_keep_it_apart_from_singles(pipe, capsys) -> None:
     """``--compare singles`` times plain fewer steps too: a real shorter run (rows at the first block), and
     read as a reference next to the singles, never as one of them."""

@@ -161,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
 
     result = tune(pipe, prompts, min_psnr=args.min_psnr, min_ssim=args.min_ssim,
                   min_digit_accuracy=args.min_digit_accuracy, min_motion_accuracy=args.min_motion_accuracy,
-                  speedup=args.speedup, min_worst_psnr=args.min_worst_psnr, targets=digits, seeds=seeds, holdout_seeds=holdout, holdout_prompts=held,
+                  speedup=args.speedup, min_worst_psnr=args.min_worst_psnr, targets=digits, seeds=seeds,
+                  holdout_seeds=holdout, holdout_prompts=held,
                   holdout_targets=held_targets, features=feats, budget_minutes=args.budget_minutes,
                   budget_clock=args.budget_clock, n_trials=args.trials, steps=steps,
                   margin_db=args.margin if args.min_psnr is not None else 0.0, repeats=repeats,
@@ -183,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
         h = result.held_out
         if h and h.get("speedup_wall") is not None:
             print(f"held-out (seeds {h['seeds']}, {h['repeats']} interleaved repeats): {h['speedup_wall']:.2f}x "
-                  f"wall-clock, PSNR {h['psnr']:.2f} dB (worst {_db(h.get('psnr_worst'))}), SSIM {h['ssim']:.4f}, digit accuracy "
+                  f"wall-clock, PSNR {h['psnr']:.2f} dB (worst {_db(h.get('psnr_worst'))}), SSIM {h['ssim']:.4f}, "
+                  "digit accuracy "
                   f"{_pct(h['accuracy'])} (baseline {_pct(h['baseline_accuracy'])})"
                   + (f", motion accuracy {_pct(h['motion_accuracy'])} (baseline {_pct(h['baseline_motion_accuracy'])})"
                      if video else ""))
@@ -196,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
 
             rows = [BenchRow(**r) for r in result.compared]
             print(table(rows))
-            if args.min_psnr is not None:
+            if args.min_psnr is not None and args.compare == "singles":  # nothing to read against otherwise
                 _verdict(rows, args.min_psnr)
         print(f"wrote {out / 'tuned.json'}")
     print(f"wrote {out / 'tune.json'} and {out / 'pareto.png'}")
