@@ -63,6 +63,17 @@ def _pair(img: Any, ref: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return a.clamp(0, 1), b.clamp(0, 1)
 
 
+def nonfinite(outputs: Any) -> str | None:
+    """Why ``outputs`` (images or clips, batch first) cannot be measured, or None: NaN / inf values, as a
+    diverging sampler or an overflowing low-bit kernel leaves them. ``clamp`` would hide NaN in every metric."""
+    t = torch.as_tensor(outputs)
+    bad = ~torch.isfinite(t)
+    if not bool(bad.any()):
+        return None
+    per = bad.reshape(len(t), -1).any(1) if t.ndim else bad.reshape(1)
+    return f"non-finite output: {int(per.sum())} of {len(per)} outputs hold NaN/inf values"
+
+
 # ----------------------------------------------------------------------------------- vs. the baseline
 def psnr_items(img: Any, ref: Any) -> list[float]:
     """PSNR in dB of each image against its same-seed baseline ``ref`` (inf where identical): the spread a
@@ -383,17 +394,26 @@ def frechet_distance(images: Any, reference: Any | None = None) -> float:
     if len(f1) < 2 or len(f2) < 2:
         raise ValueError("the Fréchet distance needs at least 2 images on each side")
     mu1, mu2 = f1.mean(0), f2.mean(0)
+    if not (np.isfinite(f1).all() and np.isfinite(f2).all()):
+        return float("nan")  # NaN / inf images: no distance (scipy >= 1.16's sqrtm raises on them)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
     import warnings
 
-    with warnings.catch_warnings():  # dead ReLU units make the covariances singular; sqrtm copes
-        warnings.simplefilter("ignore")
-        covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(len(s1)) * 1e-6
-        with warnings.catch_warnings():
+    def sqrtm(m: np.ndarray) -> np.ndarray | None:
+        with warnings.catch_warnings():  # dead ReLU units make the covariances singular; sqrtm copes
             warnings.simplefilter("ignore")
-            covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+            try:
+                out = linalg.sqrtm(m)
+            except (linalg.LinAlgError, ValueError):
+                return None
+        return out if np.isfinite(out).all() else None
+
+    covmean = sqrtm(s1 @ s2)
+    if covmean is None:
+        eps = np.eye(len(s1)) * 1e-6
+        covmean = sqrtm((s1 + eps) @ (s2 + eps))
+    if covmean is None:
+        return float("nan")
     covmean = np.real(covmean)
     d = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
     return max(d, 0.0) if math.isfinite(d) else float("nan")

@@ -246,6 +246,10 @@ def run_bench(
         row = rows[i]
         if row.error or i not in images:
             continue
+        bad = metrics.nonfinite(images[i])
+        if bad is not None:  # timed, but nothing to measure: report it instead of NaN metrics (or a crash)
+            row.error = bad
+            continue
         row.median_s = statistics.median(row.times)
         row.speedup = base_time / row.median_s if base_time and row.median_s else None
         row.forwards_per_image = forwards[i]

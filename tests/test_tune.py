@@ -4,6 +4,7 @@ Ctrl-C keeps the best, the timestep schedule is exact when off, and the ComfyUI 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 
@@ -424,6 +425,56 @@ def test_worst_item_floor_catches_one_spoilt_output(pipe, monkeypatch) -> None:
     obj = Objective(min_psnr=30.0, min_worst_psnr=25.0)
     assert obj.quality() == obj and obj.violations({"psnr": 40.0, "psnr_worst": 20.0}, margin=1.5) == [-8.5, 5.0]
     assert Objective(min_worst_psnr=25.0).met({"psnr_worst": 26.0})
+
+
+def test_a_diverging_stack_is_a_failed_trial_not_a_crashed_search(video_pipe, monkeypatch) -> None:
+    """A stack whose clips hold NaN (a diverging solver, an overflowing kernel) is a failed trial that names the
+    cause, and the search goes on to the next; the same outputs in ``hasten bench`` give an error row, not a
+    crash after every variant was timed. Before, scipy's sqrtm raised in the Fréchet distance of the task
+    score and took the whole search (and bench) down; a NaN baseline is refused up front."""
+    from hasten.bench.runner import run_bench, video_scorer
+    from hasten.bench.variants import Variant
+    from hasten.embedded.video import video_prompts
+    from hasten.tune import SPACE, Entry
+
+    handles: list = []
+
+    def diverge(p, settings, ctx) -> None:
+        def hook(m, a, out):
+            out = out.clone()
+            out[0] = float("nan")  # batch row 0: one clip's branch
+            return out
+
+        handles.append(p.transformer.proj_out.register_forward_hook(hook))
+
+    def undo(p) -> None:
+        while handles:
+            handles.pop().remove()
+
+    prompts = video_prompts([3, 7], ["left", "up"])
+    monkeypatch.setitem(SPACE, "diverge", Entry("diverge", lambda t: {}, dict, diverge, undo, order=70))
+    r = hasten.tune(video_pipe, prompts, min_psnr=20.0, seeds=(0,), holdout_seeds=(1007,),
+                    features=["diverge"], n_trials=2, call_kwargs=VIDEO_CALL, repeats=1, progress=False)
+    assert len(r.trials) == 2 and not handles and r.best is None
+    assert all(t.error == "non-finite output: 1 of 2 outputs hold NaN/inf values" and not t.feasible
+               for t in r.trials)
+    clips = lambda p, seed: _video(p, prompts, seed)  # noqa: E731
+    rows = run_bench(video_pipe, [Variant("baseline", "baseline"), Variant("nan", "test", lambda p: diverge(p, {}, None),
+                                                                             undo)],
+                     clips, [0], repeats=1, progress=False, score=video_scorer([3, 7], ["left", "up"]))
+    assert rows[0].error is None and rows[0].accuracy is not None and not handles
+    assert rows[1].error == "non-finite output: 1 of 2 outputs hold NaN/inf values" and rows[1].psnr is None
+    nan = torch.full((4, 3, 16, 16), float("nan"))
+    assert math.isnan(metrics.frechet_distance(nan))
+    assert metrics.nonfinite(torch.zeros(2, 3)) is None
+    diverge(video_pipe, {}, None)
+    try:
+        with pytest.raises(ValueError, match="the baseline .* gives a non-finite output: 1 of 2"):
+            hasten.tune(video_pipe, prompts, min_psnr=20.0, seeds=(0,), holdout_seeds=(1007,), features=[],
+                        n_trials=1, call_kwargs=VIDEO_CALL, progress=False)
+    finally:
+        undo(video_pipe)
+    assert features(video_pipe) == {} and not video_pipe.transformer.proj_out._forward_hooks
 
 
 # -- CacheQuant: one calibration per (method, sampling) in a search ------------------------------------------

@@ -221,6 +221,10 @@ class _Evaluator:
         self._guard = _denoiser(pipe).register_forward_pre_hook(self._check_time)
         self.base_times: list[float] = []
         self.base_images, _, _ = self._run({})
+        bad = metrics.nonfinite(self.base_images)
+        if bad is not None:
+            self.close()
+            raise ValueError(f"the baseline (no accelerator) gives a {bad}: nothing to tune against")
         self.video = self.base_images.ndim == 5
         self.score = task_scorer(self.prompts, targets, len(self.seeds), self.video)
         self.base_scores = self.score(self.base_images) if self.score else {}
@@ -278,6 +282,9 @@ class _Evaluator:
             return t
         t.cpu_s, t.forwards_per_image = cpu, fwd
         t.speedup = self.base_cpu / cpu if cpu > 0 else None
+        t.error = metrics.nonfinite(imgs)  # a diverged stack is a failed trial, not a crashed search
+        if t.error is not None:
+            return t
         # a clip's PSNR is over all its frames; the mean over the set and its worst item
         t.psnr, t.psnr_worst = metrics.psnr_mean_worst(_as_images(imgs), _as_images(self.base_images))
         t.ssim = metrics.ssim(_as_frames(imgs), _as_frames(self.base_images))  # per frame
