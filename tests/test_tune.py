@@ -477,6 +477,53 @@ def test_a_diverging_stack_is_a_failed_trial_not_a_crashed_search(video_pipe, mo
     assert features(video_pipe) == {} and not video_pipe.transformer.proj_out._forward_hooks
 
 
+def test_screening_runs_the_rest_only_for_trials_near_the_floor(pipe, monkeypatch) -> None:
+    """Two-stage calibration: a trial runs the first ``screen`` prompts; near the floor it runs the rest and is
+    judged on all of them (figures equal to an independent measurement of the whole set), far below it stops
+    there, infeasible, having done the screen prompts' work only (rows counted at the first block)."""
+    from hasten.tune import SPACE, Entry
+    from hasten.tune.preset import enable_features
+    from hasten.tune.search import default_generate
+
+    kw = {"num_inference_steps": STEPS}
+    prompts = digit_prompts(DIGITS)
+    sched = SPACE["timestep_schedule"]
+    monkeypatch.setitem(SPACE, "four", Entry("four", lambda t: {"steps": 4, "shift": 1.0}, dict,
+                                             sched.enable, sched.disable, order=0))
+
+    def rows_of(feats: dict, chunks: list) -> tuple[list, int]:
+        names = enable_features(pipe, feats)
+        try:
+            with _Rows(pipe) as rows:
+                outs = [default_generate(kw)(pipe, prompts[lo:hi], lo) for lo, hi in chunks]
+        finally:
+            disable_features(pipe, names)
+        return outs, rows.n
+
+    chunks = [(0, 1), (1, len(DIGITS))]
+    base, base_rows = rows_of({}, chunks)
+    four, four_rows = rows_of({"four": {"steps": 4, "shift": 1.0}}, chunks)
+    _, screen_rows = rows_of({"four": {"steps": 4, "shift": 1.0}}, chunks[:1])
+    ref = metrics.psnr_mean_worst(torch.cat(four), torch.cat(base))
+    seen: list = []
+    for floor, confirmed in ((5.0, True), (200.0, False)):
+        with _Rows(pipe) as rows:
+            r = hasten.tune(pipe, prompts, min_psnr=floor, seeds=(0,), holdout_seeds=(1000,), features=["four"],
+                            n_trials=1, call_kwargs=kw, repeats=1, progress=False, screen=1, margin_db=0.0,
+                            on_trial=lambda t: seen.append(rows.n))
+        t = r.trials[0]
+        assert t.confirmed is confirmed and t.error is None and r.preset["search"]["screen_prompts"] == 1
+        if confirmed:
+            assert t.feasible and t.outputs == len(DIGITS) and (t.psnr, t.psnr_worst) == pytest.approx(ref)
+            assert seen[-1] == base_rows + four_rows and r.preset["search"]["confirmed"] == 1
+        else:  # 200 dB - 3 dB of slack: stopped after the screen prompt, never feasible
+            assert not t.feasible and t.outputs == 1 and r.best is None and t.psnr < 197.0
+            assert seen[-1] == base_rows + screen_rows < base_rows + four_rows
+    assert features(pipe) == {}
+    with pytest.raises(ValueError, match="screen must be a positive"):
+        hasten.tune(pipe, prompts, min_psnr=30.0, screen=0)
+
+
 # -- CacheQuant: one calibration per (method, sampling) in a search ------------------------------------------
 def test_cachequant_calibrates_once_per_method_and_schedule(pipe, monkeypatch) -> None:
     """Trials that only move CacheQuant's speed-up re-plan from the memoised calibration (one calibration per

@@ -55,6 +55,8 @@ class Trial:
     motion_accuracy: float | None = None  # videos: clips whose digit moves the prompted way
     feasible: bool = False
     error: str | None = None
+    outputs: int | None = None  # images / clips the quality figures cover
+    confirmed: bool | None = None  # screening: False = judged on the screen prompts only (not promoted)
 
 
 @dataclass
@@ -133,6 +135,14 @@ class Objective:
             out.append(self.speedup - _num(g("speedup")))
         return out
 
+    def promising(self, t: Trial, margin: float, slack: float) -> bool:
+        """Whether a trial measured on the screen prompts may still meet the floors on them all: its mean PSNR
+        within ``slack`` dB of the floor (+ ``margin``), as a few prompts' mean can be that far off the set's,
+        and its worst item above the worst-item floor (a subset's worst bounds the set's from above)."""
+        if self.min_psnr is not None and _num(t.psnr) < self.min_psnr + margin - slack:
+            return False
+        return self.min_worst_psnr is None or _num(t.psnr_worst) >= self.min_worst_psnr
+
     def met(self, t: Trial | dict[str, Any], margin: float = 0.0) -> bool:
         return all(v <= 0 for v in self.violations(t, margin))
 
@@ -207,20 +217,29 @@ class _Evaluator:
     baseline can never be the answer, and reference CPU paths (sparse attention, W8A8) would otherwise eat
     the budget. The search tightens that with :attr:`cap` (CPU seconds and why) once a slower trial cannot
     matter any more (slower than the best feasible stack by a margin, or than a speed target allows).
+
+    With ``screen`` (fewer than all prompts) every trial first runs the first ``screen`` prompts, which give its
+    speed; only a trial ``promote`` accepts goes on to the rest, and its quality figures are then those of all
+    prompts. Prompt ``i`` is always generated with seed ``seed + i`` (the baseline in the same chunks).
     """
 
     def __init__(self, pipe: Any, prompts: Sequence[str], seeds: Sequence[int], generate: Generate,
-                 targets: Sequence[int] | None, ctx: Context, slow_factor: float = 1.2) -> None:
+                 targets: Sequence[int] | None, ctx: Context, slow_factor: float = 1.2,
+                 screen: int | None = None) -> None:
         from ..bench.runner import ForwardCounter, _denoiser
 
         self.pipe, self.prompts, self.seeds, self.generate, self.ctx = pipe, list(prompts), list(seeds), generate, ctx
+        n = len(self.prompts)
+        self.screen = screen if screen is not None and 0 < screen < n else None
+        self.chunks = [(0, self.screen), (self.screen, n)] if self.screen else [(0, n)]
         self.counter = ForwardCounter(_denoiser(pipe))
         self.slow_factor = slow_factor
         self._limit: tuple[float, float] | None = None  # (start, allowed CPU seconds) while a trial runs
         self.cap: tuple[float, str] | None = None  # a tighter CPU limit than slow_factor x baseline, and why
         self._guard = _denoiser(pipe).register_forward_pre_hook(self._check_time)
         self.base_times: list[float] = []
-        self.base_images, _, _ = self._run({})
+        self.base_parts = [self._run({}, c)[0] for c in range(len(self.chunks))]
+        self.base_images = self._join(self.base_parts)
         bad = metrics.nonfinite(self.base_images)
         if bad is not None:
             self.close()
@@ -229,30 +248,41 @@ class _Evaluator:
         self.score = task_scorer(self.prompts, targets, len(self.seeds), self.video)
         self.base_scores = self.score(self.base_images) if self.score else {}
         self.base_acc = self.base_scores.get("accuracy")
+        if self.screen:
+            self.base_screen = self._join(self.base_parts[:1])
+            self.score_screen = task_scorer(self.prompts[:self.screen], None if targets is None
+                                            else list(targets)[:self.screen], len(self.seeds), self.video)
 
     def _check_time(self, module: torch.nn.Module, args: tuple) -> None:
         if self._limit is not None and time.process_time() - self._limit[0] > self._limit[1]:
             raise _TooSlow
 
-    def _run(self, feats: dict[str, dict[str, Any]]) -> tuple[torch.Tensor, float, float]:
+    def _join(self, parts: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Outputs of ``parts[chunk][seed]`` in the set's order: every prompt of the first seed, then the next."""
+        return torch.cat([torch.cat([p[i] for p in parts]) for i in range(len(self.seeds))])
+
+    def _run(self, feats: dict[str, dict[str, Any]], chunk: int = 0) -> tuple[list[torch.Tensor], float, float]:
+        """Outputs (one batch per seed) of the prompts of ``chunk`` with ``feats`` on, their CPU time and the
+        denoiser forwards per output; the first chunk's baseline times are the speed reference."""
+        lo, hi = self.chunks[chunk]
         names = enable_features(self.pipe, feats, self.ctx)
         try:
             self.counter.take()
             t0 = time.process_time()
-            if feats and self.base_times:
+            if feats and self.base_times and chunk == 0:
                 self._limit = (t0, self.limit()[0])
             try:
                 with torch.no_grad():
-                    imgs = torch.cat([self.generate(self.pipe, self.prompts, s) for s in self.seeds])
+                    outs = [self.generate(self.pipe, self.prompts[lo:hi], s + lo) for s in self.seeds]
             finally:
                 self._limit = None
             cpu = time.process_time() - t0
-            fwd = self.counter.take() / imgs.shape[0]
+            fwd = self.counter.take() / sum(o.shape[0] for o in outs)
         finally:
             disable_features(self.pipe, names)
-        if not feats:
+        if not feats and chunk == 0:
             self.base_times.append(cpu)
-        return imgs, cpu, fwd
+        return outs, cpu, fwd
 
     def retime_baseline(self) -> None:
         self._run({})
@@ -266,13 +296,13 @@ class _Evaluator:
         own = (self.slow_factor * self.base_cpu, f"slower than {self.slow_factor:g}x the baseline's CPU time")
         return self.cap if self.cap is not None and self.cap[0] < own[0] else own
 
-    def trial(self, number: int, feats: dict[str, dict[str, Any]]) -> Trial:
-        from ..bench.runner import _as_frames, _as_images
-
+    def trial(self, number: int, feats: dict[str, dict[str, Any]],
+              promote: Callable[[Trial], bool] | None = None) -> Trial:
+        """Measure one stack: speed on the first chunk, quality on every chunk it is promoted to."""
         t = Trial(number, feats)
         limit, why = self.limit()
         try:
-            imgs, cpu, fwd = self._run(feats)
+            parts, cpu, fwd = self._run(feats)
         except _TooSlow:
             t.error = f"stopped: {why}"
             t.speedup = self.base_cpu / limit  # at most this fast
@@ -282,16 +312,35 @@ class _Evaluator:
             return t
         t.cpu_s, t.forwards_per_image = cpu, fwd
         t.speedup = self.base_cpu / cpu if cpu > 0 else None
+        if not self.screen:
+            self._measure(t, self._join([parts]), self.base_images, self.score)
+            return t
+        self._measure(t, self._join([parts]), self.base_screen, self.score_screen)
+        t.confirmed = False
+        if t.error is None and (promote is None or promote(t)):
+            try:
+                rest, _, _ = self._run(feats, 1)
+            except Exception as exc:  # noqa: BLE001
+                t.error = f"{type(exc).__name__}: {exc}"
+                return t
+            self._measure(t, self._join([parts, rest]), self.base_images, self.score)
+            t.confirmed = t.error is None
+        return t
+
+    def _measure(self, t: Trial, imgs: torch.Tensor, base: torch.Tensor,
+                 score: Callable[[torch.Tensor], dict[str, Any]] | None) -> None:
+        from ..bench.runner import _as_frames, _as_images
+
+        t.outputs = imgs.shape[0]
         t.error = metrics.nonfinite(imgs)  # a diverged stack is a failed trial, not a crashed search
         if t.error is not None:
-            return t
+            return
         # a clip's PSNR is over all its frames; the mean over the set and its worst item
-        t.psnr, t.psnr_worst = metrics.psnr_mean_worst(_as_images(imgs), _as_images(self.base_images))
-        t.ssim = metrics.ssim(_as_frames(imgs), _as_frames(self.base_images))  # per frame
-        if self.score:
-            s = self.score(imgs)
+        t.psnr, t.psnr_worst = metrics.psnr_mean_worst(_as_images(imgs), _as_images(base))
+        t.ssim = metrics.ssim(_as_frames(imgs), _as_frames(base))  # per frame
+        if score:
+            s = score(imgs)
             t.accuracy, t.motion_accuracy = s.get("accuracy"), s.get("motion_accuracy")
-        return t
 
     def close(self) -> None:
         self.counter.remove()
@@ -395,6 +444,8 @@ def tune(
     on_trial: Callable[[Trial], None] | None = None,
     slow_factor: float = 1.2,
     cut_factor: float = 1.25,
+    screen: int | None = None,
+    screen_slack_db: float = 3.0,
 ) -> TuneResult:
     """Search hasten's accelerator stack for ``pipe`` on ``prompts`` x ``seeds`` against the baseline.
 
@@ -417,6 +468,12 @@ def tune(
     CPU time passes ``slow_factor`` x the baseline's is stopped there (it can never be the fastest), and so
     is, under a quality floor, one passing ``cut_factor`` x the CPU time of the best feasible stack so far
     (kept that long only as a held-out fallback), or one too slow for a ``speedup`` target.
+
+    ``screen`` (fewer than ``len(prompts)``) makes the calibration two-stage: every trial runs the first
+    ``screen`` prompts (its speed is measured there), and only one whose mean PSNR there is within
+    ``screen_slack_db`` of the floor (+ margin), and whose worst item meets ``min_worst_psnr``, runs the rest;
+    feasibility is judged on all prompts. A large calibration set then costs little more than a small one, and
+    a few hard or easy prompts no longer decide the search (``Trial.confirmed`` False: screened out).
     """
     try:
         import optuna
@@ -441,6 +498,10 @@ def tune(
         raise ValueError(f"cut_factor must be > 1, got {cut_factor!r}")
     if budget_minutes <= 0:
         raise ValueError(f"budget_minutes must be > 0, got {budget_minutes!r}")
+    if screen is not None and screen < 1:
+        raise ValueError(f"screen must be a positive number of prompts, got {screen!r}")
+    if not screen_slack_db >= 0:
+        raise ValueError(f"screen_slack_db must be >= 0, got {screen_slack_db!r}")
     if budget_clock not in ("wall", "cpu"):
         raise ValueError(f"budget_clock must be 'wall' or 'cpu', got {budget_clock!r}")
     clock = time.process_time if budget_clock == "cpu" else time.perf_counter
@@ -458,7 +519,7 @@ def tune(
     t_start, c_start = time.perf_counter(), clock()
     deadline = c_start + budget_minutes * 60
     cpu_start = time.process_time()
-    ev = _Evaluator(pipe, prompts, seeds, generate, targets, ctx, slow_factor)
+    ev = _Evaluator(pipe, prompts, seeds, generate, targets, ctx, slow_factor, screen)
     if (min_digit_accuracy is not None or min_motion_accuracy is not None) and ev.score is None:
         ev.close()
         raise ValueError("a digit / motion accuracy floor needs outputs the embedded models' scorer reads: images "
@@ -479,6 +540,10 @@ def tune(
     best: Trial | None = None
     bar = tqdm(total=n_trials, desc="hasten tune", disable=not progress, unit="trial")
     margin = margin_db if min_psnr is not None else 0.0
+
+    def promote(t: Trial) -> bool:
+        return objective.promising(t, margin, screen_slack_db)
+
     try:
         while (n_trials is None or len(trials) < n_trials) and clock() < deadline:
             ot = study.ask()
@@ -486,8 +551,8 @@ def tune(
             if len(trials) and len(trials) % 8 == 0:
                 ev.retime_baseline()
             ev.cap = _cap(objective, best, ev.base_cpu, cut_factor)
-            t = ev.trial(ot.number, feats)
-            t.feasible = t.error is None and objective.met(t, margin)
+            t = ev.trial(ot.number, feats, promote)
+            t.feasible = t.error is None and t.confirmed is not False and objective.met(t, margin)
             trials.append(t)
             cons = [1e6] if t.error else [min(v, 1e6) for v in objective.violations(t, margin)]
             ot.set_user_attr("constraints", cons)
@@ -517,7 +582,8 @@ def tune(
         "objective": {k: v for k, v in asdict(objective).items() if v is not None},
         "search": {"trials": len(trials), "seconds": round(search_seconds, 1),
                    "cpu_seconds": round(search_cpu, 1), "budget": f"{budget_minutes:g} min {budget_clock}",
-                   "calibration_prompts": len(prompts),
+                   "calibration_prompts": len(prompts), "screen_prompts": ev.screen,
+                   "confirmed": sum(1 for t in trials if t.confirmed) if ev.screen else None,
                    "calibration_seeds": list(seeds), "steps": steps,
                    "baseline": {k: ev.base_scores[k] for k in ("accuracy", "motion_accuracy", "clip_accuracy")
                                 if ev.base_scores.get(k) is not None}, "speed_measure": "process CPU time, 1 thread",
