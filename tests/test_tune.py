@@ -599,39 +599,72 @@ def test_held_out_pool_is_diverse_not_near_duplicates() -> None:
 
 
 def test_held_out_takes_the_fastest_that_passes(monkeypatch) -> None:
-    """The held-out stage checks the diverse pool fastest first and keeps the first that passes: here the two
-    5-step stacks fail (as overfitted ones do) and the 6-step one is chosen, never a 5-step neighbour."""
+    """The held-out stage checks the diverse pool fastest first until two pass: here the two 5-step stacks fail
+    (as overfitted ones do), the 6- and 7-step ones pass and are timed side by side, and the interleaved timing,
+    not the search's one CPU-time sample, picks between them; the other finalist is shown apart from the singles.
+    With one finalist the first that passes is kept, untimed against the others."""
     import hasten.bench.runner as runner
+    from hasten.tune.cli import _verdict
     from hasten.tune.search import Objective, TuneResult, _held_out
 
     sched = lambda n, sh: {"steps": n, "shift": sh}  # noqa: E731
-    trials = [_fake(0, 3.5, 36.6, timestep_schedule=sched(5, 1.9)), _fake(1, 3.4, 36.7, timestep_schedule=sched(5, 1.7)),
-              _fake(2, 3.3, 36.6, timestep_schedule=sched(5, 1.8), easycache={"threshold": 0.1}),
-              _fake(3, 2.9, 38.6, timestep_schedule=sched(6, 1.3)), _fake(4, 2.6, 39.8, timestep_schedule=sched(7, 1.0))]
     held_psnr = {5: 34.5, 6: 36.4, 7: 37.9}
-    checked = []
+    wall = {6: 2.0, 7: 2.3}  # the 7-step stack is faster when timed interleaved (the search sampled it slower)
+    checked: list = []
 
     class Row:
-        def __init__(self, feats, repeats) -> None:
-            self.psnr = held_psnr[feats["timestep_schedule"]["steps"]] if feats else None
+        def __init__(self, v) -> None:
+            feats = v.settings.get("features") or {}
+            steps = feats.get("timestep_schedule", {}).get("steps")
+            self.name, self.family, self.settings = v.name, v.family, v.settings
+            self.psnr = held_psnr[steps] if steps else (31.0 if v.family == "single" else None)
             self.psnr_worst = self.psnr - 2.0 if self.psnr else None
-            self.speedup, self.median_s, self.ssim, self.accuracy = 2.0, 1.0, 0.99, None
+            self.speedup = wall.get(steps, 1.0) if steps else (1.5 if v.family == "single" else 1.0)
+            self.median_s, self.ssim, self.accuracy = 1.0 / self.speedup, 0.99, None
             self.motion_accuracy, self.forwards_per_image, self.error = None, 12.0, None
 
         def to_dict(self) -> dict:
             return dict(vars(self))
 
     def fake_bench(pipe, variants, gen, seeds, repeats, progress, score):
-        feats = variants[1].settings["features"]
         if repeats == 1:
-            checked.append(feats["timestep_schedule"]["steps"])
-        return [Row({}, repeats), Row(feats, repeats)]
+            checked.append(variants[1].settings["features"]["timestep_schedule"]["steps"])
+        return [Row(v) for v in variants]
 
     monkeypatch.setattr(runner, "run_bench", fake_bench)
-    result = TuneResult({"features": trials[0].features}, trials[0], trials, 1.0)
-    _held_out(result, None, Objective(min_psnr=35.0), None, ["p"], None, [7], None, 4, 3, (), 1.5)
-    assert checked == [5, 5, 6] and result.best is trials[3] and result.held_out["met"]
-    assert result.preset["features"] == trials[3].features and len(result.held_out["checks"]) == 3
+    from hasten.bench.variants import Variant
+
+    for finalists, want_checked, want in ((2, [5, 5, 6, 7], 4), (1, [5, 5, 6], 3)):
+        checked.clear()
+        trials = [_fake(0, 3.5, 36.6, timestep_schedule=sched(5, 1.9)),
+                  _fake(1, 3.4, 36.7, timestep_schedule=sched(5, 1.7)),
+                  _fake(2, 3.3, 36.6, timestep_schedule=sched(5, 1.8), easycache={"threshold": 0.1}),
+                  _fake(3, 2.9, 38.6, timestep_schedule=sched(6, 1.3)),
+                  _fake(4, 2.6, 39.8, timestep_schedule=sched(7, 1.0))]
+        result = TuneResult({"features": trials[0].features}, trials[0], trials, 1.0)
+        _held_out(result, None, Objective(min_psnr=35.0), None, ["p"], None, [7], None, 4, 3,
+                  (Variant("single-x", "single"),), 1.5, finalists=finalists)
+        assert checked == want_checked and result.best is trials[want] and result.held_out["met"]
+        assert result.preset["features"] == trials[want].features and result.held_out["trial"] == want
+        names = [r["name"] for r in result.compared]
+        assert names[:2] == ["baseline", "hasten-tuned"] and names[-1] == "single-x"
+        assert result.held_out["speedup_wall"] == wall[want + 3]
+    assert names == ["baseline", "hasten-tuned", "single-x"]
+    checked.clear()
+    _held_out(result := TuneResult({"features": {}}, trials[0], trials, 1.0), None, Objective(min_psnr=35.0), None,
+              ["p"], None, [7], None, 4, 3, (Variant("single-x", "single"),), 1.5)
+    assert [r["name"] for r in result.compared] == ["baseline", "hasten-tuned", "tune-finalist#3", "single-x"]
+    assert [f["trial"] for f in result.held_out["finalists"]] == [3, 4]
+    from hasten.bench.runner import BenchRow
+
+    rows = [BenchRow(**{k: v for k, v in r.items() if k in BenchRow.__dataclass_fields__}) for r in result.compared]
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        _verdict(rows, 30.0)  # the finalist (2.0x) is not read as a single; single-x (1.5x) is
+    assert "best single reaching 30 dB: single-x 1.50x" in out.getvalue()
 
 
 def test_trials_slower_than_the_best_so_far_are_cut(pipe) -> None:

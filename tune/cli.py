@@ -230,7 +230,7 @@ def _verdict(rows: list, floor: float) -> None:
     tuned = rows[1]
     for what, reference in (("single", False), ("plain fewer-steps run", True)):
         ok = [r for r in rows[2:] if r.psnr is not None and r.psnr >= floor and r.speedup
-              and (r.family == "reference") == reference]
+              and r.family != "candidate" and (r.family == "reference") == reference]
         if not ok:
             print(f"no {what} reached {floor:g} dB on the held-out clips/seeds")
             continue
