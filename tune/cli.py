@@ -74,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout-seeds", type=positive_int, default=None,
                    help="held-out seeds for the final figures (never searched on; default 2 images, 1 video)")
     p.add_argument("--repeats", type=positive_int, default=None,
-                   help="interleaved wall-clock repeats of the final timing (default 3 images, 2 video)")
+                   help="interleaved wall-clock repeats of the final timing")
     p.add_argument("--compare", choices=COMPARE, default="none",
                    help="singles: also time hand-set single accelerators (EasyCache sweep, MagCache, TaylorSeer) "
                         "and, as a reference, plain fewer steps in the held-out run, to read the best one reaching "
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     video = args.model == "video"
     holdout_seeds = args.holdout_seeds or (1 if video else 2)
-    repeats = args.repeats or (2 if video else 3)
+    repeats = args.repeats or 3
     seeds = [1000 * i for i in range(args.seeds)]
     holdout = [1000 * (args.seeds + i) + 7 for i in range(holdout_seeds)]
     if video:
@@ -235,8 +235,11 @@ def _verdict(rows: list, floor: float) -> None:
             print(f"no {what} reached {floor:g} dB on the held-out clips/seeds")
             continue
         top = max(ok, key=lambda r: r.speedup)
+        fwd = (f"; forwards per output {tuned.forwards_per_image:.1f} vs {top.forwards_per_image:.1f}: "
+               f"{top.forwards_per_image / tuned.forwards_per_image:.2f}x fewer"
+               if tuned.forwards_per_image and top.forwards_per_image else "")
         print(f"best {what} reaching {floor:g} dB: {top.name} {top.speedup:.2f}x ({top.psnr:.2f} dB); tuned stack "
-              f"{tuned.speedup:.2f}x = {tuned.speedup / top.speedup:.2f}x of it")
+              f"{tuned.speedup:.2f}x = {tuned.speedup / top.speedup:.2f}x of it{fwd}")
 
 
 def _json_default(v: object) -> object:

@@ -678,7 +678,7 @@ def candidate_pool(trials: Sequence[Trial], objective: Objective, n: int, per_st
 
 def _held_out(result: TuneResult, pipe: Any, objective: Objective, generate: Generate, prompts: Sequence[str],
               targets: Sequence[int] | None, seeds: Sequence[int], ctx: Context, candidates: int, repeats: int,
-              compare: Sequence[Any], margin: float, video: bool = False, finalists: int = 2) -> None:
+              compare: Sequence[Any], margin: float, video: bool = False, finalists: int = 3) -> None:
     """Check the best feasible stacks of distinct structure (:func:`candidate_pool`) on held-out prompts/seeds,
     fastest first, until ``finalists`` pass; time those side by side (wall-clock, interleaved, next to
     ``compare``) and keep the fastest. The search's speed is one CPU-time sample per trial, which on a shared box
