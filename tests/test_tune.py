@@ -524,6 +524,26 @@ def test_screening_runs_the_rest_only_for_trials_near_the_floor(pipe, monkeypatc
         hasten.tune(pipe, prompts, min_psnr=30.0, screen=0)
 
 
+def test_a_family_that_changes_nothing_is_left_out_of_the_preset(pipe, monkeypatch) -> None:
+    """The stack a video search chose: 5 steps at shift 1.28 + EasyCache 0.0324. At 5 steps EasyCache reuses no
+    step (it warns "did nothing" on every call), so the held-out stage drops it and the preset holds the schedule
+    alone, with figures measured on that; the schedule, which does change the output, stays."""
+    from hasten.tune import SPACE, Entry
+
+    sched, ec = SPACE["timestep_schedule"], SPACE["easycache"]
+    five = {"steps": 5, "shift": 1.28}
+    cache = {"threshold": 0.0324, "warmup": 0.076, "max_consecutive_reuse": 6, "forecast": "none"}
+    monkeypatch.setitem(SPACE, "five", Entry("five", lambda t: five, dict, sched.enable, sched.disable, order=0))
+    monkeypatch.setitem(SPACE, "ec", Entry("ec", lambda t: cache, dict, ec.enable, ec.disable, order=50))
+    r = hasten.tune(pipe, digit_prompts(DIGITS), min_psnr=5.0, seeds=(0,), holdout_seeds=(1000,),
+                    features=["five", "ec"], n_trials=1, call_kwargs={"num_inference_steps": STEPS}, repeats=1,
+                    progress=False)
+    assert r.trials[0].features == {"five": five, "ec": cache}
+    assert r.held_out["dropped"] == {0: ["ec"]} and r.held_out["met"]
+    assert r.preset["features"] == {"five": five} and r.best.features == r.preset["features"]
+    assert features(pipe) == {}
+
+
 # -- CacheQuant: one calibration per (method, sampling) in a search ------------------------------------------
 def test_cachequant_calibrates_once_per_method_and_schedule(pipe, monkeypatch) -> None:
     """Trials that only move CacheQuant's speed-up re-plan from the memoised calibration (one calibration per

@@ -27,7 +27,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -602,7 +602,8 @@ def tune(
         elif not interrupted:
             _held_out(result, pipe, objective, generate, holdout_prompts or prompts,
                       holdout_targets if holdout_prompts is not None else targets, holdout_seeds, ctx,
-                      candidates, repeats, compare, margin, ev.video)
+                      candidates, repeats, compare, margin, ev.video,
+                      simplify=lambda t: drop_no_ops(ev, t))
     except KeyboardInterrupt:
         result.interrupted = True
         logger.warning("hasten tune: held-out check interrupted; the preset keeps the search's best")
@@ -676,9 +677,34 @@ def candidate_pool(trials: Sequence[Trial], objective: Objective, n: int, per_st
     return sorted(pool, key=objective.score, reverse=True)
 
 
+def drop_no_ops(ev: _Evaluator, t: Trial) -> tuple[Trial, list[str]]:
+    """``t`` without the families that changed nothing, and their names: a family whose removal leaves the
+    calibration's first chunk bit-identical is not needed (EasyCache on a 5-step run reuses no step and would
+    only warn on every call of the preset)."""
+    if len(t.features) < 2:
+        return t, []
+    try:
+        full = ev._run(t.features)[0]
+    except Exception:  # noqa: BLE001 - cannot tell: keep the stack as searched
+        return t, []
+    feats, dropped = dict(t.features), []
+    for name in list(feats):
+        if len(feats) < 2:
+            break
+        rest = {k: v for k, v in feats.items() if k != name}
+        try:
+            out = ev._run(rest)[0]
+        except Exception:  # noqa: BLE001 - e.g. too slow without it: it does something
+            continue
+        if all(torch.equal(a, b) for a, b in zip(out, full)):
+            feats, dropped = rest, [*dropped, name]
+    return (replace(t, features=feats), dropped) if dropped else (t, [])
+
+
 def _held_out(result: TuneResult, pipe: Any, objective: Objective, generate: Generate, prompts: Sequence[str],
               targets: Sequence[int] | None, seeds: Sequence[int], ctx: Context, candidates: int, repeats: int,
-              compare: Sequence[Any], margin: float, video: bool = False, finalists: int = 3) -> None:
+              compare: Sequence[Any], margin: float, video: bool = False, finalists: int = 3,
+              simplify: Callable[[Trial], tuple[Trial, list[str]]] | None = None) -> None:
     """Check the best feasible stacks of distinct structure (:func:`candidate_pool`) on held-out prompts/seeds,
     fastest first, until ``finalists`` pass; time those side by side (wall-clock, interleaved, next to
     ``compare``) and keep the fastest. The search's speed is one CPU-time sample per trial, which on a shared box
@@ -687,6 +713,13 @@ def _held_out(result: TuneResult, pipe: Any, objective: Objective, generate: Gen
     from ..bench.variants import Variant
 
     pool = candidate_pool(result.trials, objective, candidates)
+    dropped: dict[int, list[str]] = {}
+    if simplify is not None:  # families that changed nothing leave the candidates (and the preset)
+        for i, t in enumerate(pool):
+            pool[i], names = simplify(t)
+            if names:
+                dropped[t.number] = names
+                logger.info("hasten tune: trial %d's %s changed nothing; left out", t.number, ", ".join(names))
 
     def gen(p: Any, seed: int) -> torch.Tensor:
         return generate(p, prompts, seed)
@@ -717,7 +750,7 @@ def _held_out(result: TuneResult, pipe: Any, objective: Objective, generate: Gen
                 break
     if not passed:
         logger.warning("hasten tune: none of the %d best stacks met the objective on the held-out seeds", len(pool))
-        result.held_out = {"checks": checks, "met": False}
+        result.held_out = {"checks": checks, "met": False, "dropped": dropped}
         return
     rows = run_bench(pipe, [base, *(variant(f"hasten-tuned#{t.number}", t.features) for t in passed), *compare],
                      gen, list(seeds), repeats=repeats, progress=False, score=score)
@@ -725,8 +758,9 @@ def _held_out(result: TuneResult, pipe: Any, objective: Objective, generate: Gen
     pick = max(range(len(passed)), key=lambda i: (timed[i].error is None, timed[i].speedup or 0.0, -i))
     chosen, tuned = passed[pick], timed[pick]
     if chosen is not result.best:
-        logger.info("hasten tune: trial %d failed on held-out seeds or was slower; taking trial %d",
-                    result.best.number, chosen.number)
+        if chosen.number != result.best.number:
+            logger.info("hasten tune: trial %d failed on held-out seeds or was slower; taking trial %d",
+                        result.best.number, chosen.number)
         result.best = chosen
         result.preset["features"] = dict(chosen.features)
     tuned.name = "hasten-tuned"
@@ -740,7 +774,7 @@ def _held_out(result: TuneResult, pipe: Any, objective: Objective, generate: Gen
         "psnr": tuned.psnr, "psnr_worst": tuned.psnr_worst, "ssim": tuned.ssim, "accuracy": tuned.accuracy,
         "baseline_accuracy": rows[0].accuracy,
         "motion_accuracy": tuned.motion_accuracy, "baseline_motion_accuracy": rows[0].motion_accuracy,
-        "forwards_per_image": tuned.forwards_per_image, "checks": checks,
+        "forwards_per_image": tuned.forwards_per_image, "checks": checks, "dropped": dropped,
         "finalists": [{"trial": t.number, "speedup_wall": r.speedup, "forwards_per_image": r.forwards_per_image}
                       for t, r in zip(passed, timed)],
         "met": objective.met({"psnr": tuned.psnr, "psnr_worst": tuned.psnr_worst, "ssim": tuned.ssim,
