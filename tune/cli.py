@@ -73,8 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=positive_int, default=1, help="calibration seeds (0, 1000, ...)")
     p.add_argument("--holdout-seeds", type=positive_int, default=None,
                    help="held-out seeds for the final figures (never searched on; default 2 images, 1 video)")
-    p.add_argument("--repeats", type=positive_int, default=None,
+    p.add_argument("--repeats", type=positive_int, default=3,
                    help="interleaved wall-clock repeats of the final timing")
+    p.add_argument("--speed-samples", type=positive_int, default=3,
+                   help="CPU-time samples of a trial that could be the answer (near the best, meeting the floors); "
+                        "its speed is their median")
     p.add_argument("--compare", choices=COMPARE, default="none",
                    help="singles: also time hand-set single accelerators (EasyCache sweep, MagCache, TaylorSeer) "
                         "and, as a reference, plain fewer steps in the held-out run, to read the best one reaching "
@@ -137,7 +140,6 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     video = args.model == "video"
     holdout_seeds = args.holdout_seeds or (1 if video else 2)
-    repeats = args.repeats or 3
     seeds = [1000 * i for i in range(args.seeds)]
     holdout = [1000 * (args.seeds + i) + 7 for i in range(holdout_seeds)]
     if video:
@@ -171,11 +173,11 @@ def run(args: argparse.Namespace) -> int:
                   holdout_seeds=holdout, holdout_prompts=held,
                   holdout_targets=held_targets, features=feats, budget_minutes=args.budget_minutes,
                   budget_clock=args.budget_clock, n_trials=args.trials, steps=steps,
-                  margin_db=args.margin if args.min_psnr is not None else 0.0, repeats=repeats,
+                  margin_db=args.margin if args.min_psnr is not None else 0.0, repeats=args.repeats,
                   compare=_singles(steps, args.model) if args.compare == "singles" else (), model=name,
                   seed=args.seed, progress=not args.no_progress, on_trial=record,
-                  screen=args.screen_clips if video and args.screen_clips < args.clips else None,
-                  screen_slack_db=args.screen_slack)
+                  screen=args.screen_clips if video else None, screen_slack_db=args.screen_slack,
+                  speed_samples=args.speed_samples)
     (out / "tune.json").write_text(json.dumps(result.to_dict(), indent=1, default=_json_default) + "\n")
     write_plot(result, out / "pareto.png",
                f"hasten tune on the embedded {args.model} model ({len(result.trials)} trials)")
