@@ -121,6 +121,10 @@ def test_tune_refuses_a_missing_objective_and_shared_seeds(pipe) -> None:
         hasten.tune(pipe, ["digit 1"], min_psnr=30, seeds=(0,), holdout_seeds=(0,))
     with pytest.raises(ValueError, match="unknown feature"):
         hasten.tune(pipe, ["digit 1"], min_psnr=30, features=["warp_drive"])
+    with pytest.raises(ValueError, match="speed_samples must be >= 1"):
+        hasten.tune(pipe, ["digit 1"], min_psnr=30, speed_samples=0)
+    with pytest.raises(ValueError, match="retime_tol must be >= 0"):
+        hasten.tune(pipe, ["digit 1"], min_psnr=30, retime_tol=-0.1)
 
 
 # -- presets ----------------------------------------------------------------------------------------------
@@ -772,24 +776,24 @@ def test_default_search_leaves_out_what_a_cpu_never_speeds_up() -> None:
 
 def test_one_unlucky_timing_does_not_decide_the_search(pipe, monkeypatch) -> None:
     """A trial that could be the answer is timed three times and ranked by the median, so one unlucky CPU-time
-    sample (another job on the box) no longer makes a 5-step stack look faster than a 4-step one; a trial far
+    sample (another job on the box) no longer makes a 6-step stack look faster than a 3-step one; a trial far
     behind keeps its one sample. The baseline's cold first generation is not the speed reference either."""
     import hasten.tune.search as search
 
-    pts = [{"schedule.steps": 4, "schedule.shift": 1.0}, {"schedule.steps": 5, "schedule.shift": 1.0}]
+    pts = [{"schedule.steps": 3, "schedule.shift": 1.0}, {"schedule.steps": 6, "schedule.shift": 1.0}]
     monkeypatch.setattr(search, "_start_points", lambda names, steps, video=False: pts)
     base = search.default_generate({"num_inference_steps": STEPS})
     calls: list = []
 
-    def noisy(p, prompts, seed):  # the 4-step stack's first run meets a busy box: twice its CPU time
+    def noisy(p, prompts, seed):  # the 3-step stack's first run meets a busy box: three times its CPU time
         t0 = time.process_time()
         out = base(p, prompts, seed)
         on = features(p).get("timestep_schedule")
         steps = on.config.steps if on else None
         calls.append(steps)
-        if steps == 4 and calls.count(4) == 1:
+        if steps == 3 and calls.count(3) == 1:
             spent = time.process_time() - t0
-            while time.process_time() - t0 < 2 * spent:
+            while time.process_time() - t0 < 3 * spent:
                 pass
         return out
 
@@ -798,15 +802,15 @@ def test_one_unlucky_timing_does_not_decide_the_search(pipe, monkeypatch) -> Non
         calls.clear()
         r = hasten.tune(pipe, prompts, min_psnr=5.0, seeds=(0,), holdout_seeds=(1000,),
                         features=["timestep_schedule"], n_trials=2, steps=STEPS, generate=noisy, margin_db=0.0,
-                        repeats=1, progress=False, speed_samples=samples, candidates=1)
-        four, five = r.trials
+                        repeats=1, progress=False, speed_samples=samples, candidates=1, cut_factor=3.0)
+        fast, slow = r.trials
         assert calls[:2] == [None, None]  # the baseline twice before any trial: the cold run is not kept
-        if samples == 1:  # one sample each: the unlucky one decides, and the 5-step stack wins the search
-            assert four.cpu_samples is None and five.cpu_samples is None
-            assert five.speedup > four.speedup and r.best is five
+        assert slow.cpu_samples is None and slow.error is None  # twice the forwards: far behind, one sample
+        if samples == 1:  # one sample each: the unlucky one decides, and the 6-step stack wins the search
+            assert fast.cpu_samples is None
+            assert slow.speedup > fast.speedup and r.best is slow
         else:
-            assert len(four.cpu_samples) == 3 and four.cpu_s == statistics.median(four.cpu_samples)
-            assert calls[2:5] == [4, 4, 4] and calls[5] == 5
-            assert five.cpu_samples is None  # 25 % more forwards: too far behind to need a second look
-            assert four.speedup > five.speedup * 1.1 and r.best is four
-        assert r.best.features["timestep_schedule"]["steps"] == (5 if samples == 1 else 4)
+            assert len(fast.cpu_samples) == 3 and fast.cpu_s == statistics.median(fast.cpu_samples)
+            assert calls[2:6] == [3, 3, 3, 6]
+            assert fast.speedup > slow.speedup * 1.1 and r.best is fast
+        assert r.best.features["timestep_schedule"]["steps"] == (6 if samples == 1 else 3)

@@ -10,7 +10,7 @@ How a trial is measured (the choice, and why):
   kept). On a shared box wall-clock swings by 2x with other people's load, which would steer the search by
   noise; CPU time of our own process moves far less, yet unlike a forward count it still sees every real
   cost (a quantized layer's dequantize, the scheduler and VAE, the skipped uncond rows). It still moves by
-  ~8 % per sample, as much as one forward in twelve, so a trial that could be the answer (meets the floors,
+  8-20 % per sample, more than one forward in twelve, so a trial that could be the answer (meets the floors,
   within ``retime_tol`` of the best) is timed ``speed_samples`` times and ranked by the median.
 * **The reported speed-up is wall-clock**: the chosen stack is re-checked on held-out seeds (and
   prompts, if given) not used in the search, then timed against the baseline interleaved with
