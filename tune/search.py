@@ -750,8 +750,8 @@ def _held_out(result: TuneResult, pipe: Any, objective: Objective, generate: Gen
               simplify: Callable[[Trial], tuple[Trial, list[str]]] | None = None) -> None:
     """Check the best feasible stacks of distinct structure (:func:`candidate_pool`) on held-out prompts/seeds,
     fastest first, until ``finalists`` pass; time those side by side (wall-clock, interleaved, next to
-    ``compare``) and keep the fastest. The search's speed is one CPU-time sample per trial, which on a shared box
-    can rank a 12-forward stack above an 11-forward one; the interleaved median decides between the finalists."""
+    ``compare``) and keep the fastest. The search's CPU times, even a contender's median of back-to-back samples,
+    drift with the box over minutes; the interleaved median decides between the finalists."""
     from ..bench.runner import run_bench
     from ..bench.variants import Variant
 
